@@ -1,0 +1,30 @@
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+export IDMESH_ADMIN_TOKEN ?= demo-admin-token
+
+.PHONY: run test bench lint install
+
+$(BIN)/idmesh: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/idmesh
+
+install: $(BIN)/idmesh
+
+run: install
+	@mkdir -p .run
+	$(BIN)/idmesh serve --port $(PORT) --db .run/demo.duckdb --config data/demo.json
+
+test: install
+	bash .ci/install-browser.sh
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/identify.py
+
+lint: install
+	$(BIN)/ruff check api engine strategies tests bench

@@ -1,0 +1,1 @@
+"""HTTP (FastAPI) and command-line front ends over engine."""

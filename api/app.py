@@ -1,0 +1,37 @@
+"""The FastAPI application: routers, error bodies, CORS for browsers, gzip request bodies."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from api import idsync_routes, platform_routes
+from api.body import add_body_schemas
+from api.errors import install_error_handlers
+from api.gzip_body import GzipRequestMiddleware
+from api.ratelimit import TokenBuckets
+from engine.idsync import IdSyncService
+
+
+def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
+    app = FastAPI(title="idmesh", version="0.1.0",
+                  description="Identity resolution speaking mParticle's IDSync wire format")
+    app.state.service = service
+    app.state.admin_token = admin_token
+    app.state.buckets = TokenBuckets()
+    install_error_handlers(app)
+    add_body_schemas(app)
+    app.include_router(idsync_routes.router)
+    app.include_router(platform_routes.router)
+
+    @app.get("/healthz", tags=["Health"])
+    async def healthz() -> Response:
+        """Liveness only: says nothing about any workspace, so it needs no credentials."""
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    # The web SDK calls from the page's origin with only x-mp-key; no cookies are involved.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "PUT", "OPTIONS"],
+                       allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(GzipRequestMiddleware)
+    return app

@@ -1,0 +1,97 @@
+"""The `idmesh` command line: `idmesh serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from api.app import create_app
+from engine.idsync import IdSyncService
+
+DEFAULT_DB = str(Path.home() / ".local" / "share" / "idmesh" / "idmesh.duckdb")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="idmesh", description="identity resolution and audience engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--db", default=os.environ.get("IDMESH_DB", DEFAULT_DB), help="DuckDB file")
+    serve.add_argument("--config", help="JSON file: workspaces to create at start-up (see README)")
+    serve.add_argument("--tls-cert", help="PEM certificate; serve HTTPS (the web SDK aliases over https)")
+    serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_command(args)
+    return 2
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("idmesh: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
+    admin_token = os.environ.get("IDMESH_ADMIN_TOKEN")
+    generated = admin_token is None
+    admin_token = admin_token or secrets.token_urlsafe(24)
+    service = IdSyncService.open(args.db)
+    config = _read_config(args.config) if args.config else {}
+    created = asyncio.run(_ensure_workspaces(service, config.get("workspaces", [])))
+    scheme = "https" if args.tls_cert else "http"
+    print(f"idmesh serving http API at {scheme}://{args.host}:{args.port}  (database {args.db})", flush=True)
+    if generated:
+        print(f"admin bearer token (set IDMESH_ADMIN_TOKEN to choose one): {admin_token}", flush=True)
+    for workspace in created:
+        print(f"workspace {workspace['name']!r}: id={workspace['id']} api_key={workspace['api_key']} "
+              f"api_secret={workspace['api_secret']}", flush=True)
+    app = create_app(service, admin_token)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                    access_log=False, log_level="warning", loop="uvloop", http="httptools")
+    finally:
+        service.close()
+    return 0
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"idmesh: cannot read --config {path}: {exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("workspaces", []), list):
+        raise SystemExit(f"idmesh: --config {path} must be an object with a 'workspaces' list")
+    return config
+
+
+async def _ensure_workspaces(service: IdSyncService, wanted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Create the configured workspaces that do not exist yet (matched by api_key); report the ones made
+    from the config, whose secrets the operator chose, so a demo can print them."""
+    reported = []
+    for entry in wanted:
+        existing = service.workspaces.by_api_key(entry.get("api_key", ""))
+        if existing is None:
+            created, batch = service.workspaces.plan_create(entry.get("name"), entry.get("settings"),
+                                                            api_key=entry.get("api_key"),
+                                                            api_secret=entry.get("api_secret"))
+            await service.commit(batch)
+            service.workspaces.remember(created.workspace)
+            existing = created.workspace
+        if entry.get("api_secret"):
+            reported.append({"name": existing.name, "id": existing.id, "api_key": existing.api_key,
+                             "api_secret": entry["api_secret"]})
+    return reported
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""idmesh core: identities, the DuckDB store, the identity graph and the IDSync service (no HTTP here)."""

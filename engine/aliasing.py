@@ -1,0 +1,115 @@
+"""Alias requests: validation, the rules of spec B§10, and the alias ledger.
+
+Rule violations are answered with a 400 at once instead of mParticle's silent drop after 24 h: an app
+developer learns about the mistake while the request is in front of them. Copying the source's events to
+the destination happens when the alias is processed (after `settings.alias.delay_seconds`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from engine.errors import BadRequest
+from engine.store import now_ms
+from engine.workspaces import Workspace
+from engine.writer import WriteBatch
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    alias_id: str
+    workspace_id: str
+    source_mpid: int
+    destination_mpid: int
+    start_ms: int
+    end_ms: int
+
+
+class AliasLedger:
+    def __init__(self) -> None:
+        self._records: list[AliasRecord] = []
+
+    def load(self, connection: duckdb.DuckDBPyConnection) -> None:
+        rows = connection.execute("SELECT alias_id, workspace_id, source_mpid, destination_mpid, start_ms, end_ms "
+                                  "FROM aliases").fetchall()
+        self._records = [AliasRecord(*row) for row in rows]
+
+    def for_workspace(self, workspace_id: str) -> list[AliasRecord]:
+        return [r for r in self._records if r.workspace_id == workspace_id]
+
+    def involving(self, workspace_id: str, mpid: int) -> list[AliasRecord]:
+        return [r for r in self.for_workspace(workspace_id) if mpid in (r.source_mpid, r.destination_mpid)]
+
+    def plan(self, workspace: Workspace, body: Any, profile_exists: Any, request_id: str | None = None
+             ) -> tuple[AliasRecord, WriteBatch]:
+        data = body.get("data") if isinstance(body, Mapping) else None
+        if not isinstance(data, Mapping):
+            raise BadRequest("data must be an object with source_mpid and destination_mpid", field="data")
+        source = _mpid(data, "source_mpid")
+        destination = _mpid(data, "destination_mpid")
+        if source == destination:
+            raise BadRequest("data.source_mpid and data.destination_mpid must differ", field="data.source_mpid")
+        now = now_ms()
+        window_start = now - workspace.settings.alias.max_window_days * DAY_MS
+        start = _time(data, "start_unixtime_ms", window_start)
+        end = _time(data, "end_unixtime_ms", now)
+        if start > end:
+            raise BadRequest("data.start_unixtime_ms must not be after data.end_unixtime_ms",
+                             field="data.start_unixtime_ms")
+        if end < window_start:
+            raise BadRequest(f"the alias window ends before the {workspace.settings.alias.max_window_days}-day "
+                             "limit", field="data.end_unixtime_ms")
+        start = max(start, window_start)
+        for field_name, mpid in (("data.source_mpid", source), ("data.destination_mpid", destination)):
+            if not profile_exists(mpid):
+                raise BadRequest(f"{field_name} {mpid} is not a profile of this workspace", field=field_name)
+        self._check_rules(workspace.id, source, destination, start, end)
+        record = AliasRecord("al_" + secrets.token_hex(8), workspace.id, source, destination, start, end)
+        batch = WriteBatch()
+        batch.aliases.append((record.alias_id, workspace.id, request_id, source, destination, start, end,
+                              data.get("scope") if isinstance(data.get("scope"), str) else None,
+                              body.get("environment") if isinstance(body.get("environment"), str) else None,
+                              now, now + workspace.settings.alias.delay_seconds * 1000, "pending"))
+        return record, batch
+
+    def remember(self, record: AliasRecord) -> None:
+        self._records.append(record)
+
+    def _check_rules(self, workspace_id: str, source: int, destination: int, start: int, end: int) -> None:
+        for earlier in self.for_workspace(workspace_id):
+            if earlier.source_mpid == source and earlier.start_ms <= end and start <= earlier.end_ms:
+                raise BadRequest(f"profile {source} was already the source of an alias overlapping this window",
+                                 field="data.start_unixtime_ms")
+            if earlier.destination_mpid == source:
+                raise BadRequest(f"profile {source} was the destination of an earlier alias and cannot be a source",
+                                 field="data.source_mpid")
+            if earlier.source_mpid == destination:
+                raise BadRequest(f"profile {destination} was the source of an earlier alias and cannot be a "
+                                 "destination", field="data.destination_mpid")
+
+
+def _mpid(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    try:
+        mpid = int(value) if not isinstance(value, bool) and isinstance(value, (int, str)) else None
+    except ValueError:
+        mpid = None
+    if not mpid or not -(1 << 63) <= mpid < (1 << 63):
+        raise BadRequest(f"data.{key} must be a non-zero 64-bit MPID", field=f"data.{key}")
+    return mpid
+
+
+def _time(data: Mapping[str, Any], key: str, default: int) -> int:
+    value = data.get(key)
+    if value is None or value == 0:
+        return default  # Android omits a zero time; both mean "use the default"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"data.{key} must be a unix time in milliseconds", field=f"data.{key}")
+    return value

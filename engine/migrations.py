@@ -1,0 +1,89 @@
+"""Versioned schema migrations. Append new ones; never edit an applied one."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "identity core", """
+CREATE TABLE workspaces (
+    id VARCHAR PRIMARY KEY,
+    name VARCHAR NOT NULL,
+    api_key VARCHAR NOT NULL UNIQUE,
+    secret_hash VARCHAR NOT NULL,
+    secret_sealed VARCHAR NOT NULL,
+    settings JSON NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+COMMENT ON COLUMN workspaces.secret_hash IS 'SHA-256 of the API secret; the secret itself is never stored in clear';
+COMMENT ON COLUMN workspaces.secret_sealed IS 'API secret sealed with the server master key (AES-GCM), for HMAC auth';
+
+CREATE TABLE profiles (
+    scope VARCHAR NOT NULL,
+    mpid BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    first_seen_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    status VARCHAR NOT NULL
+);
+COMMENT ON TABLE profiles IS 'One row per person (MPID). last_seen_ms is folded in from profile_touches at start-up';
+COMMENT ON COLUMN profiles.scope IS 'identity scope: the workspace id whose identity graph holds the profile';
+COMMENT ON COLUMN profiles.status IS 'active, or orphaned: lost its last identifier to a unique-id steal, never returned';
+
+CREATE TABLE profile_touches (mpid BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL);
+COMMENT ON TABLE profile_touches IS 'append-only last-seen updates, cheaper to group-commit than UPDATEs';
+
+CREATE TABLE identities (
+    scope VARCHAR NOT NULL,
+    mpid BIGINT NOT NULL,
+    identity_type VARCHAR NOT NULL,
+    value VARCHAR NOT NULL,
+    raw_value VARCHAR NOT NULL,
+    added_ms BIGINT NOT NULL
+);
+COMMENT ON COLUMN identities.identity_type IS 'IDSync wire spelling, e.g. customerid, email, ios_idfv';
+COMMENT ON COLUMN identities.value IS 'normalized value used for matching';
+COMMENT ON COLUMN identities.raw_value IS 'value as the client sent it, kept for outputs';
+
+CREATE TABLE identity_changes (
+    at_ms BIGINT NOT NULL,
+    scope VARCHAR NOT NULL,
+    workspace_id VARCHAR NOT NULL,
+    request_id VARCHAR,
+    operation VARCHAR NOT NULL,
+    strategy VARCHAR NOT NULL,
+    mpid BIGINT NOT NULL,
+    change VARCHAR NOT NULL,
+    identity_type VARCHAR,
+    value VARCHAR,
+    reason VARCHAR NOT NULL,
+    other_mpid BIGINT
+);
+COMMENT ON TABLE identity_changes IS 'Ledger of every profile creation and identity add/remove/steal/orphan/skip, with why';
+COMMENT ON COLUMN identity_changes.change IS 'create, add, remove, steal (taken from other_mpid), orphan, skip (not added), quarantine';
+
+CREATE TABLE aliases (
+    alias_id VARCHAR NOT NULL,
+    workspace_id VARCHAR NOT NULL,
+    request_id VARCHAR,
+    source_mpid BIGINT NOT NULL,
+    destination_mpid BIGINT NOT NULL,
+    start_ms BIGINT NOT NULL,
+    end_ms BIGINT NOT NULL,
+    alias_scope VARCHAR,
+    environment VARCHAR,
+    received_ms BIGINT NOT NULL,
+    process_after_ms BIGINT NOT NULL,
+    status VARCHAR NOT NULL
+);
+COMMENT ON TABLE aliases IS 'Alias ledger: every accepted alias request; status pending until processed';
+
+CREATE TABLE hub_values (
+    scope VARCHAR NOT NULL,
+    identity_type VARCHAR NOT NULL,
+    value VARCHAR NOT NULL,
+    profile_count INTEGER NOT NULL,
+    quarantined_ms BIGINT NOT NULL
+);
+COMMENT ON TABLE hub_values IS 'Identity values shared by more profiles than the hub limit: quarantined, never used to match';
+"""),
+]

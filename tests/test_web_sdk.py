@@ -1,0 +1,442 @@
+"""Browser compatibility test: the official mParticle web SDK against a real `idmesh serve`.
+
+Headless Debian Chromium (driven by the PyPI package `playwright`, using /usr/bin/chromium; no browser is
+ever downloaded) loads tests/browser/index.html from a static server on 127.0.0.1. The page loads
+@mparticle/web-sdk 2.68.0 from tests/browser/node_modules and points it at idmesh, which runs over TLS
+with a throwaway certificate because the SDK's alias call is always https (spec A1).
+
+Prerequisites come from `.ci/install-browser.sh`. Without them the module is skipped, except when the
+environment variable CI is set: there a missing prerequisite is a failure.
+
+Debug hook: IDMESH_BIN=/path/to/executable replaces the `idmesh` command (same `serve` arguments).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import http.server
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BROWSER_DIR = REPO / "tests" / "browser"
+SDK_BUNDLE = BROWSER_DIR / "node_modules" / "@mparticle" / "web-sdk" / "dist" / "mparticle.js"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--ignore-certificate-errors",
+]
+ADMIN_TOKEN = "web-sdk-test-admin-" + uuid.uuid4().hex
+HEALTH_TIMEOUT_S = 30.0
+CALL_TIMEOUT_MS = 15_000
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (run .ci/install-browser.sh)")
+    if not SDK_BUNDLE.exists():
+        missing.append(f"{SDK_BUNDLE.relative_to(REPO)} (run .ci/install-browser.sh)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the PyPI package playwright (a dev dependency)")
+    return missing
+
+
+_MISSING = _missing_prerequisites()
+_IN_CI = bool(os.environ.get("CI"))
+
+pytestmark = [
+    pytest.mark.skipif(
+        bool(_MISSING) and not _IN_CI,
+        reason="browser prerequisites missing: " + ", ".join(_MISSING),
+    ),
+    pytest.mark.timeout(180),
+]
+
+
+@pytest.fixture(scope="module")
+def prerequisites() -> None:
+    # Only reached when not skipped: in CI a missing prerequisite must fail, never skip.
+    if _MISSING:
+        pytest.fail("browser prerequisites missing in CI: " + ", ".join(_MISSING))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _idmesh_command() -> list[str]:
+    override = os.environ.get("IDMESH_BIN")
+    if override:
+        return [override]
+    sibling = Path(sys.executable).with_name("idmesh")
+    if sibling.exists():
+        return [str(sibling)]
+    return [sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main())"]
+
+
+def _tail(path: Path, limit: int = 6000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return text[-limit:]
+
+
+class IdmeshServer:
+    def __init__(self, port: int, log_path: Path, proc: subprocess.Popen):
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.base = f"https://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc = proc
+
+    def client(self):
+        import httpx
+
+        return httpx.Client(base_url=self.base, verify=False, timeout=10.0)
+
+    def create_workspace(self, strategy: str) -> dict:
+        body = {"name": "web", "settings": {"strategy": strategy, "key_only_auth": True}}
+        with self.client() as c:
+            r = c.post(
+                "/platform/v2/workspaces",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                json=body,
+            )
+        assert r.status_code == 201, f"POST /platform/v2/workspaces {body} -> {r.status_code} {r.text}"
+        ws = r.json()
+        for field in ("id", "api_key", "api_secret"):
+            assert ws.get(field), f"workspace answer lacks {field!r}: {ws}"
+        return ws
+
+    def search(self, ws: dict, known_identities: dict):
+        token = base64.b64encode(f"{ws['api_key']}:{ws['api_secret']}".encode()).decode()
+        body = {"environment": "development", "known_identities": known_identities}
+        with self.client() as c:
+            return c.post("/v1/search", headers={"Authorization": f"Basic {token}"}, json=body)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[Path, Path]:
+    import trustme
+
+    d = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def idmesh_server(prerequisites, tls_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("idmesh")
+    cert_path, key_path = tls_files
+    port = _free_port()
+    cmd = _idmesh_command() + [
+        "serve",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--db", str(d / "db.duckdb"),
+        "--tls-cert", str(cert_path),
+        "--tls-key", str(key_path),
+    ]  # fmt: skip
+    env = dict(os.environ, IDMESH_ADMIN_TOKEN=ADMIN_TOKEN)
+    log_path = d / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield _wait_healthy(IdmeshServer(port, log_path, proc), cmd)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+def _wait_healthy(server: IdmeshServer, cmd: list[str]) -> IdmeshServer:
+    import httpx
+
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    last = "no answer"
+    while True:
+        if server.proc.poll() is not None:
+            pytest.fail(f"idmesh serve exited with {server.proc.returncode}: {cmd}\n{_tail(server.log_path)}")
+        try:
+            r = httpx.get(f"{server.base}/healthz", verify=False, timeout=2.0)
+            if r.status_code == 200:
+                return server
+            last = f"HTTP {r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"GET /healthz not 200 within {HEALTH_TIMEOUT_S}s ({last}): {cmd}\n{_tail(server.log_path)}"
+            )
+        time.sleep(0.1)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+    def end_headers(self):
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+
+@pytest.fixture(scope="module")
+def static_server(prerequisites):
+    handler = functools.partial(_QuietHandler, directory=str(BROWSER_DIR))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="web-sdk-static", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser(prerequisites):
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    try:
+        # Playwright starts Chromium with a fresh temporary --user-data-dir and removes it on close;
+        # every test then gets its own new browser context (empty storage).
+        b = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            chromium_sandbox=False,
+            args=CHROMIUM_ARGS,
+            timeout=60_000,
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+    finally:
+        pw.stop()
+
+
+class Harness:
+    """The page plus what it saw; wraps window.idmesh.* (tests/browser/harness.js)."""
+
+    def __init__(self, page, events: list[str], requests: list[dict]):
+        self.page = page
+        self.events = events  # human-readable log: requests to idmesh, responses, console
+        self.requests = requests  # requests to idmesh: method, path, headers, body, status (None = no answer)
+
+    def requests_to(self, path_fragment: str) -> list[dict]:
+        """Requests whose path contains path_fragment, e.g. "/events" for the SDK's batch uploads."""
+        return [r for r in self.requests if path_fragment in r["path"]]
+
+    def _call(self, expr: str, arg=None):
+        return self.page.evaluate(expr, arg)
+
+    def ready(self) -> dict:
+        return self._call(
+            """(ms) => Promise.race([window.idmesh.ready, new Promise((_, reject) =>
+                   setTimeout(() => reject(new Error('start-up identify not reported in ' + ms + ' ms')), ms))])""",
+            CALL_TIMEOUT_MS,
+        )
+
+    def identify(self, identities: dict | None = None) -> dict:
+        return self._call("(ids) => window.idmesh.identify(ids)", identities or {})
+
+    def login(self, identities: dict) -> dict:
+        return self._call("(ids) => window.idmesh.login(ids)", identities)
+
+    def modify(self, new_email: str) -> dict:
+        return self._call("(email) => window.idmesh.modify(email)", new_email)
+
+    def logout(self) -> dict:
+        return self._call("() => window.idmesh.logout()")
+
+    def alias(self, source_mpid: str, destination_mpid: str) -> dict:
+        return self._call("([s, d]) => window.idmesh.alias(s, d)", [source_mpid, destination_mpid])
+
+    def current_user(self) -> dict:
+        return self._call("() => window.idmesh.currentUser()")
+
+
+@pytest.fixture
+def open_harness(browser, static_server, idmesh_server):
+    """open_harness(api_key) -> Harness with the SDK initialised against idmesh; diagnostics on teardown."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    contexts = []
+    harnesses: list[Harness] = []
+
+    def _open(api_key: str) -> Harness:
+        context = browser.new_context(ignore_https_errors=True)
+        context.set_default_timeout(CALL_TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        events: list[str] = []
+        requests: list[dict] = []
+        by_request: dict = {}  # keyed by the Request object itself
+        api_prefix = idmesh_server.base
+
+        def on_request(req):
+            if req.url.startswith(api_prefix):
+                record = {
+                    "method": req.method,
+                    "path": req.url[len(api_prefix) :],
+                    "headers": dict(req.headers),
+                    "body": req.post_data,
+                    "status": None,
+                }
+                requests.append(record)
+                by_request[req] = record
+                events.append(
+                    f"> {req.method} {req.url} {json.dumps(req.headers)} {req.post_data or ''}"[:1500]
+                )
+
+        def on_response(resp):
+            if resp.url.startswith(api_prefix):
+                record = by_request.get(resp.request)
+                if record is not None:
+                    record["status"] = resp.status
+                events.append(f"< {resp.status} {resp.request.method} {resp.url} {json.dumps(resp.headers)}")
+
+        def on_failed(req):
+            events.append(f"! FAILED {req.method} {req.url}: {req.failure}")
+
+        page.on("request", on_request)
+        page.on("response", on_response)
+        page.on("requestfailed", on_failed)
+        page.on("console", lambda msg: events.append(f"console.{msg.type}: {msg.text}"[:1500]))
+        page.on("pageerror", lambda exc: events.append(f"pageerror: {exc}"))
+        url = f"{static_server}/index.html?key={api_key}&api={idmesh_server.host}"
+        page.goto(url, wait_until="load", timeout=CALL_TIMEOUT_MS)
+        h = Harness(page, events, requests)
+        harnesses.append(h)
+        return h
+
+    try:
+        yield _open
+    finally:
+        # Printed output is shown by pytest only when the test fails.
+        for h in harnesses:
+            print("---- browser events (requests to idmesh, console) ----")
+            print("\n".join(h.events))
+        print("---- idmesh serve log (tail) ----")
+        print(_tail(idmesh_server.log_path))
+        for context in contexts:
+            with contextlib.suppress(PlaywrightError):
+                context.close()
+
+
+def _ok(result: dict, what: str) -> dict:
+    assert result["httpCode"] == 200, f"{what}: SDK callback reported {result}"
+    assert result["mpid"] not in (None, "", "0"), f"{what}: no MPID in {result}"
+    return result
+
+
+def _unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_profile_conversion_identity_flow(open_harness, idmesh_server):
+    ws = idmesh_server.create_workspace("profile_conversion")
+    h = open_harness(ws["api_key"])
+    tag = _unique()
+    email = f"web-{tag}@example.com"
+    new_email = f"new-web-{tag}@example.com"
+    customerid = f"webcid-{tag}"
+
+    started = _ok(h.ready(), "start-up identify")
+    mpid_a = started["mpid"]
+    assert started["isLoggedIn"] is False, started
+
+    login = _ok(h.login({"email": email, "customerid": customerid}), "login")
+    assert login["mpid"] == mpid_a, f"conversion login must keep the anonymous MPID {mpid_a}: {login}"
+    assert login["isLoggedIn"] is True, login
+
+    modified = h.modify(new_email)
+    assert modified["httpCode"] == 200, f"modify: {modified}"
+    assert h.current_user()["mpid"] == mpid_a
+    assert h.current_user()["identities"].get("email") == new_email
+
+    logout = _ok(h.logout(), "logout")
+    mpid_b = logout["mpid"]
+    assert mpid_b != mpid_a, f"logout must not return the known profile {mpid_a}: {logout}"
+    assert logout["isLoggedIn"] is False, logout
+
+    again = _ok(h.login({"email": new_email, "customerid": customerid}), "second login")
+    assert again["mpid"] == mpid_a, f"returning login must give {mpid_a}: {again}"
+    assert again["isLoggedIn"] is True, again
+
+    aliased = h.alias(mpid_b, mpid_a)
+    assert aliased["httpCode"] in (200, 202), f"alias {mpid_b} -> {mpid_a}: {aliased}"
+    assert aliased["request"]["sourceMpid"] == mpid_b
+    assert aliased["request"]["destinationMpid"] == mpid_a
+    sent = h.requests_to(f"/v1/identity/{ws['api_key']}/Alias")
+    assert sent and sent[-1]["status"] in (200, 202), sent
+
+    r = idmesh_server.search(ws, {"customerid": customerid})
+    assert r.status_code == 200, f"POST /v1/search -> {r.status_code} {r.text}"
+    assert str(r.json()["mpid"]) == mpid_a, r.text
+
+
+def test_profile_link_login_creates_new_profile(open_harness, idmesh_server):
+    ws = idmesh_server.create_workspace("profile_link")
+    h = open_harness(ws["api_key"])
+    tag = _unique()
+    customerid = f"linkcid-{tag}"
+
+    started = _ok(h.ready(), "start-up identify")
+    anon = started["mpid"]
+    assert started["isLoggedIn"] is False, started
+
+    login = _ok(h.login({"email": f"link-{tag}@example.com", "customerid": customerid}), "login")
+    known = login["mpid"]
+    assert known != anon, f"profile_link login must create a new MPID, got the anonymous {anon}"
+    assert login["isLoggedIn"] is True, login
+
+    logout = _ok(h.logout(), "logout")
+    assert logout["mpid"] not in (anon, known), f"profile_link logout must create a new profile: {logout}"
+    assert logout["isLoggedIn"] is False, logout
+
+    r = idmesh_server.search(ws, {"customerid": customerid})
+    assert r.status_code == 200, f"POST /v1/search -> {r.status_code} {r.text}"
+    assert str(r.json()["mpid"]) == known, r.text
