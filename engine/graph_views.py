@@ -39,7 +39,7 @@ def profile_graph(graph: IdentityGraph, mpid: int, aliases: list[AliasRecord]) -
                 g.add_node(("profile", other), kind="profile", mpid=other, focus=False,
                            orphaned=bool(graph.get(other) and graph.profiles[other].orphaned))
         g.add_edge(("profile", alias.source_mpid), ("profile", alias.destination_mpid), kind="alias",
-                   alias_id=alias.alias_id, start_ms=alias.start_ms, end_ms=alias.end_ms)
+                   alias_id=alias.alias_id, source=alias.source_mpid, destination=alias.destination_mpid, start_ms=alias.start_ms, end_ms=alias.end_ms)
     return g
 
 
@@ -54,10 +54,10 @@ def profile_graph_json(g: nx.Graph, mpid: int) -> dict[str, Any]:
                 if other[1] != mpid:
                     neighbours.setdefault(other[1], []).append({"type": data["identity_type"],
                                                                 "value": data["value"]})
-    for u, v, data in g.edges(data=True):
+    for _, _, data in g.edges(data=True):
         if data["kind"] == "alias":
-            alias_edges.append({"alias_id": data["alias_id"], "source_mpid": str(u[1]),
-                                "destination_mpid": str(v[1]), "start_unixtime_ms": data["start_ms"],
+            alias_edges.append({"alias_id": data["alias_id"], "source_mpid": str(data["source"]),
+                                "destination_mpid": str(data["destination"]), "start_unixtime_ms": data["start_ms"],
                                 "end_unixtime_ms": data["end_ms"]})
     return {"mpid": str(mpid), "identities": identities,
             "neighbours": [{"mpid": str(m), "shared_identities": s} for m, s in sorted(neighbours.items())],

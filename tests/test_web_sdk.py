@@ -201,9 +201,7 @@ def _wait_healthy(server: IdmeshServer, cmd: list[str]) -> IdmeshServer:
         except httpx.HTTPError as exc:
             last = repr(exc)
         if time.monotonic() > deadline:
-            pytest.fail(
-                f"GET /healthz not 200 within {HEALTH_TIMEOUT_S}s ({last}): {cmd}\n{_tail(server.log_path)}"
-            )
+            pytest.fail(f"GET /healthz not 200 within {HEALTH_TIMEOUT_S}s ({last}): {cmd}\n{_tail(server.log_path)}")
         time.sleep(0.1)
 
 
@@ -276,6 +274,10 @@ class Harness:
             CALL_TIMEOUT_MS,
         )
 
+    def reload(self) -> None:
+        """Reload the page; the SDK re-initialises from its storage and runs identify again."""
+        self.page.reload(wait_until="load", timeout=CALL_TIMEOUT_MS)
+
     def identify(self, identities: dict | None = None) -> dict:
         return self._call("(ids) => window.idmesh.identify(ids)", identities or {})
 
@@ -324,9 +326,7 @@ def open_harness(browser, static_server, idmesh_server):
                 }
                 requests.append(record)
                 by_request[req] = record
-                events.append(
-                    f"> {req.method} {req.url} {json.dumps(req.headers)} {req.post_data or ''}"[:1500]
-                )
+                events.append(f"> {req.method} {req.url} {json.dumps(req.headers)} {req.post_data or ''}"[:1500])
 
         def on_response(resp):
             if resp.url.startswith(api_prefix):
@@ -440,3 +440,28 @@ def test_profile_link_login_creates_new_profile(open_harness, idmesh_server):
     r = idmesh_server.search(ws, {"customerid": customerid})
     assert r.status_code == 200, f"POST /v1/search -> {r.status_code} {r.text}"
     assert str(r.json()["mpid"]) == known, r.text
+
+
+def test_reload_restores_logged_in_user(open_harness, idmesh_server):
+    # On a page reload the SDK identifies with the identities it stored (customerid, email, device stamp)
+    # and previous_mpid; under profile_conversion that is the known profile again (spec A2.4).
+    ws = idmesh_server.create_workspace("profile_conversion")
+    h = open_harness(ws["api_key"])
+    tag = _unique()
+    mpid = _ok(h.ready(), "start-up identify")["mpid"]
+    login = _ok(h.login({"email": f"reload-{tag}@example.com", "customerid": f"reloadcid-{tag}"}), "login")
+    assert login["mpid"] == mpid and login["isLoggedIn"] is True, login
+
+    h.reload()
+    restored = _ok(h.ready(), "identify after reload")
+    assert restored["mpid"] == mpid, restored
+    assert restored["isLoggedIn"] is True, restored
+    identify_bodies = [json.loads(r["body"]) for r in h.requests_to("/v1/identify")]
+    assert identify_bodies[-1]["known_identities"].get("customerid") == f"reloadcid-{tag}", identify_bodies[-1]
+
+
+def test_unknown_api_key_reports_http_status(open_harness):
+    # Error answers must carry CORS headers too, or the SDK sees a network failure (-1) instead of 401.
+    h = open_harness("idm_no_such_key_" + _unique())
+    started = h.ready()
+    assert started["httpCode"] == 401, started
