@@ -274,10 +274,6 @@ class Harness:
             CALL_TIMEOUT_MS,
         )
 
-    def reload(self) -> None:
-        """Reload the page; the SDK re-initialises from its storage and runs identify again."""
-        self.page.reload(wait_until="load", timeout=CALL_TIMEOUT_MS)
-
     def identify(self, identities: dict | None = None) -> dict:
         return self._call("(ids) => window.idmesh.identify(ids)", identities or {})
 
@@ -299,13 +295,16 @@ class Harness:
 
 @pytest.fixture
 def open_harness(browser, static_server, idmesh_server):
-    """open_harness(api_key) -> Harness with the SDK initialised against idmesh; diagnostics on teardown."""
+    """open_harness(api_key, identify_request=None) -> Harness with the SDK initialised against idmesh.
+
+    identify_request (user identities) is passed as the SDK's `identifyRequest` init option. Every
+    harness gets its own browser context (empty storage). Diagnostics are printed on teardown."""
     from playwright.sync_api import Error as PlaywrightError
 
     contexts = []
     harnesses: list[Harness] = []
 
-    def _open(api_key: str) -> Harness:
+    def _open(api_key: str, identify_request: dict | None = None) -> Harness:
         context = browser.new_context(ignore_https_errors=True)
         context.set_default_timeout(CALL_TIMEOUT_MS)
         contexts.append(context)
@@ -344,7 +343,11 @@ def open_harness(browser, static_server, idmesh_server):
         page.on("console", lambda msg: events.append(f"console.{msg.type}: {msg.text}"[:1500]))
         page.on("pageerror", lambda exc: events.append(f"pageerror: {exc}"))
         url = f"{static_server}/index.html?key={api_key}&api={idmesh_server.host}"
+        if identify_request is not None:
+            url += "&autostart=0"
         page.goto(url, wait_until="load", timeout=CALL_TIMEOUT_MS)
+        if identify_request is not None:
+            page.evaluate("(ids) => { window.idmesh.start({identifyRequest: {userIdentities: ids}}); }", identify_request)
         h = Harness(page, events, requests)
         harnesses.append(h)
         return h
@@ -413,9 +416,10 @@ def test_profile_conversion_identity_flow(open_harness, idmesh_server):
     sent = h.requests_to(f"/v1/identity/{ws['api_key']}/Alias")
     assert sent and sent[-1]["status"] in (200, 202), sent
 
-    r = idmesh_server.search(ws, {"customerid": customerid})
-    assert r.status_code == 200, f"POST /v1/search -> {r.status_code} {r.text}"
-    assert str(r.json()["mpid"]) == mpid_a, r.text
+    for known_identities in ({"customerid": customerid}, {"email": new_email}):
+        r = idmesh_server.search(ws, known_identities)
+        assert r.status_code == 200, f"POST /v1/search {known_identities} -> {r.status_code} {r.text}"
+        assert str(r.json()["mpid"]) == mpid_a, f"search {known_identities}: {r.text}"
 
 
 def test_profile_link_login_creates_new_profile(open_harness, idmesh_server):
@@ -442,26 +446,29 @@ def test_profile_link_login_creates_new_profile(open_harness, idmesh_server):
     assert str(r.json()["mpid"]) == known, r.text
 
 
-def test_reload_restores_logged_in_user(open_harness, idmesh_server):
-    # On a page reload the SDK identifies with the identities it stored (customerid, email, device stamp)
-    # and previous_mpid; under profile_conversion that is the known profile again (spec A2.4).
+def test_second_browser_identify_with_login_ids_returns_known_profile(open_harness, idmesh_server):
+    # A second browser (new storage, new device stamp) whose app passes identifyRequest at init: the
+    # start-up identify carries login IDs and resolves like login to the known profile (spec A2.4).
     ws = idmesh_server.create_workspace("profile_conversion")
-    h = open_harness(ws["api_key"])
     tag = _unique()
-    mpid = _ok(h.ready(), "start-up identify")["mpid"]
-    login = _ok(h.login({"email": f"reload-{tag}@example.com", "customerid": f"reloadcid-{tag}"}), "login")
-    assert login["mpid"] == mpid and login["isLoggedIn"] is True, login
+    ids = {"email": f"second-{tag}@example.com", "customerid": f"secondcid-{tag}"}
+    first = open_harness(ws["api_key"])
+    anon = _ok(first.ready(), "start-up identify")["mpid"]
+    known = _ok(first.login(ids), "login")
+    assert known["mpid"] == anon and known["isLoggedIn"] is True, known
 
-    h.reload()
-    restored = _ok(h.ready(), "identify after reload")
-    assert restored["mpid"] == mpid, restored
+    second = open_harness(ws["api_key"], identify_request=ids)
+    restored = _ok(second.ready(), "start-up identify with login IDs")
+    assert restored["mpid"] == anon, restored
     assert restored["isLoggedIn"] is True, restored
-    identify_bodies = [json.loads(r["body"]) for r in h.requests_to("/v1/identify")]
-    assert identify_bodies[-1]["known_identities"].get("customerid") == f"reloadcid-{tag}", identify_bodies[-1]
+    sent = json.loads(second.requests_to("/v1/identify")[0]["body"])
+    assert sent["known_identities"]["customerid"] == ids["customerid"], sent
 
 
 def test_unknown_api_key_reports_http_status(open_harness):
-    # Error answers must carry CORS headers too, or the SDK sees a network failure (-1) instead of 401.
+    # Error answers must carry CORS headers too. The SDK reports any status other than 200/202/400 as
+    # httpCode -1 with body "Received HTTP Code of <status>"; a CORS failure would say "Failed to fetch".
     h = open_harness("idm_no_such_key_" + _unique())
     started = h.ready()
-    assert started["httpCode"] == 401, started
+    assert started["httpCode"] == -1 and "401" in str(started["body"]), started
+    assert [r["status"] for r in h.requests_to("/v1/identify")] == [401], h.requests
