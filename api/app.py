@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from api import idsync_routes, platform_routes
+from api.background import start_background_jobs
 from api.body import add_body_schemas
 from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
@@ -15,7 +19,15 @@ from engine.idsync import IdSyncService
 
 
 def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
-    app = FastAPI(title="idmesh", version="0.1.0",
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        scheduler = start_background_jobs(service)
+        try:
+            yield
+        finally:
+            scheduler.shutdown(wait=False)
+
+    app = FastAPI(title="idmesh", version="0.1.0", lifespan=lifespan,
                   description="Identity resolution speaking mParticle's IDSync wire format")
     app.state.service = service
     app.state.admin_token = admin_token

@@ -1,8 +1,9 @@
-"""Alias requests: validation, the rules of spec B§10, and the alias ledger.
+"""Alias requests: validation, the rules of spec B§10, the alias ledger, and processing.
 
 Rule violations are answered with a 400 at once instead of mParticle's silent drop after 24 h: an app
-developer learns about the mistake while the request is in front of them. Copying the source's events to
-the destination happens when the alias is processed (after `settings.alias.delay_seconds`).
+developer learns about the mistake while the request is in front of them. An alias is processed once
+`settings.alias.delay_seconds` have passed (at once by default): the source's first-seen overwrites the
+destination's. Identities, attributes and consent are never copied (B§10).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from engine.writer import WriteBatch
 DAY_MS = 86_400_000
 
 
-@dataclass(frozen=True)
+@dataclass
 class AliasRecord:
     alias_id: str
     workspace_id: str
@@ -30,6 +31,8 @@ class AliasRecord:
     destination_mpid: int
     start_ms: int
     end_ms: int
+    process_after_ms: int
+    status: str = "pending"
 
 
 class AliasLedger:
@@ -37,8 +40,8 @@ class AliasLedger:
         self._records: list[AliasRecord] = []
 
     def load(self, connection: duckdb.DuckDBPyConnection) -> None:
-        rows = connection.execute("SELECT alias_id, workspace_id, source_mpid, destination_mpid, start_ms, end_ms "
-                                  "FROM aliases").fetchall()
+        rows = connection.execute("SELECT alias_id, workspace_id, source_mpid, destination_mpid, start_ms, end_ms, "
+                                  "process_after_ms, status FROM aliases ORDER BY received_ms").fetchall()
         self._records = [AliasRecord(*row) for row in rows]
 
     def for_workspace(self, workspace_id: str) -> list[AliasRecord]:
@@ -71,13 +74,17 @@ class AliasLedger:
             if not profile_exists(mpid):
                 raise BadRequest(f"{field_name} {mpid} is not a profile of this workspace", field=field_name)
         self._check_rules(workspace.id, source, destination, start, end)
-        record = AliasRecord("al_" + secrets.token_hex(8), workspace.id, source, destination, start, end)
+        record = AliasRecord("al_" + secrets.token_hex(8), workspace.id, source, destination, start, end,
+                             now + workspace.settings.alias.delay_seconds * 1000)
         batch = WriteBatch()
         batch.aliases.append((record.alias_id, workspace.id, request_id, source, destination, start, end,
                               data.get("scope") if isinstance(data.get("scope"), str) else None,
                               body.get("environment") if isinstance(body.get("environment"), str) else None,
-                              now, now + workspace.settings.alias.delay_seconds * 1000, "pending"))
+                              now, record.process_after_ms, "pending", None))
         return record, batch
+
+    def due(self, at_ms: int) -> list[AliasRecord]:
+        return [r for r in self._records if r.status == "pending" and r.process_after_ms <= at_ms]
 
     def remember(self, record: AliasRecord) -> None:
         self._records.append(record)
@@ -113,3 +120,17 @@ def _time(data: Mapping[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadRequest(f"data.{key} must be a unix time in milliseconds", field=f"data.{key}")
     return value
+
+
+def plan_processing(record: AliasRecord, batch: WriteBatch) -> None:
+    """Add to `batch` what processing `record` writes; the caller marks it processed once committed."""
+    processed_at = now_ms()
+
+    def copy_first_seen(cur: duckdb.DuckDBPyConnection) -> None:
+        cur.execute("""UPDATE profiles SET first_seen_ms = source.first_seen_ms
+                       FROM (SELECT first_seen_ms FROM profiles WHERE mpid = ?) AS source
+                       WHERE profiles.mpid = ?""", [record.source_mpid, record.destination_mpid])
+        cur.execute("UPDATE aliases SET status = 'processed', processed_ms = ? WHERE alias_id = ?",
+                    [processed_at, record.alias_id])
+
+    batch.statements.append(copy_first_seen)

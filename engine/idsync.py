@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from engine.aliasing import AliasLedger, AliasRecord
+from engine.aliasing import AliasLedger, AliasRecord, plan_processing
 from engine.errors import BadRequest, Forbidden, LookupFailed, NotFound, StoreUnavailable
 from engine.graph import IdentityGraph, ProfileRecord
 from engine.graph_loader import build_graphs
@@ -354,13 +354,31 @@ class IdSyncService:
         request_id = body.get("request_id") if isinstance(body, Mapping) else None
         record, batch = self.aliases.plan(workspace, body, lambda mpid: mpid in graph.profiles,
                                           request_id if isinstance(request_id, str) else None)
+        due_now = record.process_after_ms <= now_ms()
+        if due_now:
+            plan_processing(record, batch)
         self.aliases.remember(record)  # before the await, so a concurrent alias sees it for the rules
         try:
             await self.commit(batch)
         except StoreUnavailable:
             self.aliases.load(self.connection)
             raise
+        if due_now:
+            record.status = "processed"
         return record
+
+    async def process_due_aliases(self) -> int:
+        """Process the aliases whose delay has passed; run by the scheduler. Returns how many."""
+        due = self.aliases.due(now_ms())
+        if not due:
+            return 0
+        batch = WriteBatch()
+        for record in due:
+            plan_processing(record, batch)
+        await self.commit(batch)
+        for record in due:
+            record.status = "processed"
+        return len(due)
 
 
 def _parse_mpid(value: Any) -> int | None:

@@ -73,9 +73,11 @@ CREATE TABLE aliases (
     environment VARCHAR,
     received_ms BIGINT NOT NULL,
     process_after_ms BIGINT NOT NULL,
-    status VARCHAR NOT NULL
+    status VARCHAR NOT NULL,
+    processed_ms BIGINT
 );
-COMMENT ON TABLE aliases IS 'Alias ledger: every accepted alias request; status pending until processed';
+COMMENT ON TABLE aliases IS 'Alias ledger: every accepted alias request; pending until processed_ms';
+COMMENT ON COLUMN aliases.status IS 'pending (waits for process_after_ms), then processed: first-seen copied';
 
 CREATE TABLE hub_values (
     scope VARCHAR NOT NULL,

@@ -24,7 +24,7 @@ IDENTITY_COLUMNS = ("scope", "mpid", "identity_type", "value", "raw_value", "add
 CHANGE_COLUMNS = ("at_ms", "scope", "workspace_id", "request_id", "operation", "strategy", "mpid", "change",
                   "identity_type", "value", "reason", "other_mpid")
 ALIAS_COLUMNS = ("alias_id", "workspace_id", "request_id", "source_mpid", "destination_mpid", "start_ms",
-                 "end_ms", "alias_scope", "environment", "received_ms", "process_after_ms", "status")
+                 "end_ms", "alias_scope", "environment", "received_ms", "process_after_ms", "status", "processed_ms")
 HUB_COLUMNS = ("scope", "identity_type", "value", "profile_count", "quarantined_ms")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -45,7 +46,7 @@ class LiveServer:
         config = uvicorn.Config(create_app(self.service, ADMIN_TOKEN), host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
@@ -53,6 +54,10 @@ class LiveServer:
                 raise RuntimeError("test server did not start")
             time.sleep(0.02)
         return self
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()  # tests schedule service coroutines on it
+        await self._server.serve()
 
     def stop(self) -> None:
         if self._server is not None:
