@@ -39,7 +39,8 @@ def profile_graph(graph: IdentityGraph, mpid: int, aliases: list[AliasRecord]) -
                 g.add_node(("profile", other), kind="profile", mpid=other, focus=False,
                            orphaned=bool(graph.get(other) and graph.profiles[other].orphaned))
         g.add_edge(("profile", alias.source_mpid), ("profile", alias.destination_mpid), kind="alias",
-                   alias_id=alias.alias_id, source=alias.source_mpid, destination=alias.destination_mpid, start_ms=alias.start_ms, end_ms=alias.end_ms)
+                   alias_id=alias.alias_id, source=alias.source_mpid, destination=alias.destination_mpid,
+                   start_ms=alias.start_ms, end_ms=alias.end_ms)
     return g
 
 

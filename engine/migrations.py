@@ -59,7 +59,8 @@ CREATE TABLE identity_changes (
     other_mpid BIGINT
 );
 COMMENT ON TABLE identity_changes IS 'Ledger of every profile creation and identity add/remove/steal/orphan/skip, with why';
-COMMENT ON COLUMN identity_changes.change IS 'create, add, remove, steal (taken from other_mpid), orphan, skip (not added), quarantine';
+COMMENT ON COLUMN identity_changes.change IS
+    'create, add, remove, steal (taken from other_mpid), orphan, skip (not added), quarantine';
 
 CREATE TABLE aliases (
     alias_id VARCHAR NOT NULL,
@@ -86,6 +87,7 @@ CREATE TABLE hub_values (
     profile_count INTEGER NOT NULL,
     quarantined_ms BIGINT NOT NULL
 );
-COMMENT ON TABLE hub_values IS 'Identity values shared by more profiles than the hub limit: quarantined, never used to match';
+COMMENT ON TABLE hub_values IS
+    'Identity values shared by more profiles than the hub limit: quarantined, never used to match';
 """),
 ]
