@@ -15,6 +15,7 @@ from typing import Any
 
 import duckdb
 
+from engine import journal
 from engine.errors import BadRequest
 from engine.store import now_ms
 from engine.workspaces import Workspace
@@ -77,7 +78,7 @@ class AliasLedger:
         record = AliasRecord("al_" + secrets.token_hex(8), workspace.id, source, destination, start, end,
                              now + workspace.settings.alias.delay_seconds * 1000)
         batch = WriteBatch()
-        batch.aliases.append((record.alias_id, workspace.id, request_id, source, destination, start, end,
+        batch.add(journal.ALIAS, (record.alias_id, workspace.id, request_id, source, destination, start, end,
                               data.get("scope") if isinstance(data.get("scope"), str) else None,
                               body.get("environment") if isinstance(body.get("environment"), str) else None,
                               now, record.process_after_ms, "pending", None))
@@ -127,10 +128,11 @@ def plan_processing(record: AliasRecord, batch: WriteBatch) -> None:
     processed_at = now_ms()
 
     def copy_first_seen(cur: duckdb.DuckDBPyConnection) -> None:
-        cur.execute("""UPDATE profiles SET first_seen_ms = source.first_seen_ms
-                       FROM (SELECT first_seen_ms FROM profiles WHERE mpid = ?) AS source
-                       WHERE profiles.mpid = ?""", [record.source_mpid, record.destination_mpid])
-        cur.execute("UPDATE aliases SET status = 'processed', processed_ms = ? WHERE alias_id = ?",
+        # Statements run right after a journal fold, so the base tables hold every committed row.
+        cur.execute("""UPDATE profiles_base SET first_seen_ms = source.first_seen_ms
+                       FROM (SELECT first_seen_ms FROM profiles_base WHERE mpid = ?) AS source
+                       WHERE profiles_base.mpid = ?""", [record.source_mpid, record.destination_mpid])
+        cur.execute("UPDATE aliases_base SET status = 'processed', processed_ms = ? WHERE alias_id = ?",
                     [processed_at, record.alias_id])
 
     batch.statements.append(copy_first_seen)

@@ -16,13 +16,14 @@ from typing import Any
 
 import duckdb
 
+from engine import journal
 from engine.aliasing import AliasLedger, AliasRecord, plan_processing
 from engine.errors import BadRequest, Forbidden, LookupFailed, NotFound, StoreUnavailable
 from engine.graph import IdentityGraph, ProfileRecord
 from engine.graph_loader import build_graphs
 from engine.identity_types import ALL_IDENTITY_TYPES
 from engine.secrets import MasterKey
-from engine.store import fold_profile_touches, now_ms, open_database, read_graph_snapshot
+from engine.store import fold_journal_at_start, now_ms, open_database, read_graph_snapshot
 from engine.workspaces import Workspace, WorkspaceRegistry
 from engine.writer import GroupCommitWriter, WriteBatch
 from strategies.lookup import priority_walk
@@ -70,7 +71,7 @@ class RequestContext:
     def ledger(self, mpid: int, change: str, reason: str, key: IdentityKey | None = None,
                other_mpid: int | None = None) -> None:
         identity_type, value = key if key else (None, None)
-        self.batch.changes.append((self.at_ms, self.workspace.scope, self.workspace.id, self.request_id,
+        self.batch.add(journal.CHANGE, (self.at_ms, self.workspace.scope, self.workspace.id, self.request_id,
                                    self.operation, self.workspace.settings.strategy, mpid, change, identity_type,
                                    value, reason, other_mpid))
 
@@ -89,7 +90,7 @@ class IdSyncService:
     @classmethod
     def open(cls, db_path: str) -> IdSyncService:
         connection = open_database(db_path)
-        fold_profile_touches(connection)
+        fold_journal_at_start(connection)
         return cls(connection, MasterKey.for_database(db_path))
 
     def close(self) -> None:
@@ -192,12 +193,12 @@ class IdSyncService:
         if decision.mpid is None:
             record = ProfileRecord(self._new_mpid(), at, at)
             graph.add_profile(record)
-            context.batch.new_profiles.append((graph.scope, record.mpid, at, at, at, "active"))
+            context.batch.add(journal.PROFILE, (graph.scope, record.mpid, at, at, at, "active"))
             context.ledger(record.mpid, "create", decision.reason)
         else:
             record = graph.profiles[decision.mpid]
             record.last_seen_ms = max(record.last_seen_ms, at)
-            context.batch.touches.append((record.mpid, record.last_seen_ms))
+            context.batch.add(journal.TOUCH, (record.mpid, record.last_seen_ms))
         for key in decision.add:
             self._add_identity(context, graph, record, key, parsed.raw[key[0]], decision.reason)
         for key, why in decision.skipped:
@@ -208,12 +209,11 @@ class IdSyncService:
                       key: IdentityKey, raw: str, reason: str) -> None:
         identity_type, value = key
         graph.add_identity(record.mpid, identity_type, value)
-        context.batch.identity_ops.append(
-            ("add", (graph.scope, record.mpid, identity_type, value, raw, context.at_ms)))
+        context.batch.add(journal.IDENTITY_ADD, (graph.scope, record.mpid, identity_type, value, raw, context.at_ms))
         context.ledger(record.mpid, "add", reason, key)
         if record.orphaned:
             record.orphaned = False
-            context.batch.status_changes.append((record.mpid, "active"))
+            context.batch.add(journal.STATUS, (record.mpid, "active"))
         self._guard_hub(context, graph, key)
 
     def _guard_hub(self, context: RequestContext, graph: IdentityGraph, key: IdentityKey) -> None:
@@ -224,7 +224,7 @@ class IdSyncService:
         count = graph.holder_count(*key)
         if count > workspace.settings.hub_limit:
             graph.quarantined.add(key)
-            context.batch.hub_values.append((graph.scope, key[0], key[1], count, context.at_ms))
+            context.batch.add(journal.HUB, (graph.scope, key[0], key[1], count, context.at_ms))
             for mpid in graph.holders(*key):
                 context.ledger(mpid, "quarantine", f"value shared by {count} profiles (hub limit "
                                f"{workspace.settings.hub_limit}): no longer used to match", key)
@@ -232,7 +232,7 @@ class IdSyncService:
     def _remove_identity(self, context: RequestContext, graph: IdentityGraph, record: ProfileRecord,
                          key: IdentityKey, change: str, reason: str, other_mpid: int | None = None) -> None:
         graph.remove_identity(record.mpid, *key)
-        context.batch.identity_ops.append(("remove", (graph.scope, record.mpid, key[0], key[1])))
+        context.batch.add(journal.IDENTITY_REMOVE, (graph.scope, record.mpid, key[0], key[1]))
         context.ledger(record.mpid, change, reason, key, other_mpid)
 
     def _new_mpid(self) -> int:
@@ -278,7 +278,7 @@ class IdSyncService:
         planned = self._validate_changes(workspace, record, changes)
         context = RequestContext(workspace, "modify", request_id)
         record.last_seen_ms = max(record.last_seen_ms, context.at_ms)
-        context.batch.touches.append((record.mpid, record.last_seen_ms))
+        context.batch.add(journal.TOUCH, (record.mpid, record.last_seen_ms))
         multi_valued = workspace.settings.strategy == "best_match"
         for identity_type, old, new, raw_new in planned:
             held = set(record.identity_keys())
@@ -308,7 +308,7 @@ class IdSyncService:
                                   f"unique {key[0]} taken by profile {winner.mpid} in modify", winner.mpid)
             if not loser.identities:
                 loser.orphaned = True
-                context.batch.status_changes.append((loser_mpid, "orphaned"))
+                context.batch.add(journal.STATUS, (loser_mpid, "orphaned"))
                 context.ledger(loser_mpid, "orphan", "lost its last identifier to a unique-id steal",
                                other_mpid=winner.mpid)
 

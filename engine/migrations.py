@@ -1,6 +1,38 @@
-"""Versioned schema migrations. Append new ones; never edit an applied one."""
+"""Versioned schema migrations. Append new ones; never edit an applied one.
+
+Writes land in `write_journal` and are folded into the `*_base` tables; the public names are views over both
+(see engine/journal.py). A migration that changes the journal layout must recreate the views.
+"""
 
 from __future__ import annotations
+
+from engine.journal import INT_SLOTS, STR_SLOTS, view_statements
+
+_JOURNAL = ("CREATE TABLE write_journal (seq BIGINT NOT NULL, kind VARCHAR NOT NULL, "
+            + ", ".join(f"i{n} BIGINT" for n in range(INT_SLOTS)) + ", "
+            + ", ".join(f"s{n} VARCHAR" for n in range(STR_SLOTS)) + ");\n"
+            "COMMENT ON TABLE write_journal IS 'group-commit journal, folded into the *_base tables; "
+            "query the views instead';\n")
+
+_COMMENTS = """
+COMMENT ON COLUMN workspaces.secret_hash IS 'SHA-256 of the API secret; the secret itself is never stored in clear';
+COMMENT ON COLUMN workspaces.secret_sealed IS 'API secret sealed with the server master key (AES-GCM), for HMAC auth';
+COMMENT ON VIEW profiles IS 'One row per person (MPID)';
+COMMENT ON COLUMN profiles.scope IS 'identity scope: the workspace id whose identity graph holds the profile';
+COMMENT ON COLUMN profiles.status IS
+    'active, or orphaned: lost its last identifier to a unique-id steal, never returned';
+COMMENT ON COLUMN identities.identity_type IS 'IDSync wire spelling, e.g. customerid, email, ios_idfv';
+COMMENT ON COLUMN identities.value IS 'normalized value used for matching';
+COMMENT ON COLUMN identities.raw_value IS 'value as the client sent it, kept for outputs';
+COMMENT ON VIEW identity_changes IS
+    'Ledger of every profile creation and identity add/remove/steal/orphan/skip, with why';
+COMMENT ON COLUMN identity_changes.change IS
+    'create, add, remove, steal (taken from other_mpid), orphan, skip (not added), quarantine';
+COMMENT ON VIEW aliases IS 'Alias ledger: every accepted alias request, pending until processed_ms';
+COMMENT ON COLUMN aliases.status IS 'pending (waits for process_after_ms), then processed: first-seen copied';
+COMMENT ON VIEW hub_values IS
+    'Identity values shared by more profiles than the hub limit: quarantined, never used to match';
+"""
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "identity core", """
@@ -14,10 +46,8 @@ CREATE TABLE workspaces (
     created_ms BIGINT NOT NULL,
     updated_ms BIGINT NOT NULL
 );
-COMMENT ON COLUMN workspaces.secret_hash IS 'SHA-256 of the API secret; the secret itself is never stored in clear';
-COMMENT ON COLUMN workspaces.secret_sealed IS 'API secret sealed with the server master key (AES-GCM), for HMAC auth';
 
-CREATE TABLE profiles (
+CREATE TABLE profiles_base (
     scope VARCHAR NOT NULL,
     mpid BIGINT NOT NULL,
     created_ms BIGINT NOT NULL,
@@ -25,14 +55,8 @@ CREATE TABLE profiles (
     last_seen_ms BIGINT NOT NULL,
     status VARCHAR NOT NULL
 );
-COMMENT ON TABLE profiles IS 'One row per person (MPID). last_seen_ms is folded in from profile_touches at start-up';
-COMMENT ON COLUMN profiles.scope IS 'identity scope: the workspace id whose identity graph holds the profile';
-COMMENT ON COLUMN profiles.status IS 'active, or orphaned: lost its last identifier to a unique-id steal, never returned';
 
-CREATE TABLE profile_touches (mpid BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL);
-COMMENT ON TABLE profile_touches IS 'append-only last-seen updates, cheaper to group-commit than UPDATEs';
-
-CREATE TABLE identities (
+CREATE TABLE identities_base (
     scope VARCHAR NOT NULL,
     mpid BIGINT NOT NULL,
     identity_type VARCHAR NOT NULL,
@@ -40,11 +64,8 @@ CREATE TABLE identities (
     raw_value VARCHAR NOT NULL,
     added_ms BIGINT NOT NULL
 );
-COMMENT ON COLUMN identities.identity_type IS 'IDSync wire spelling, e.g. customerid, email, ios_idfv';
-COMMENT ON COLUMN identities.value IS 'normalized value used for matching';
-COMMENT ON COLUMN identities.raw_value IS 'value as the client sent it, kept for outputs';
 
-CREATE TABLE identity_changes (
+CREATE TABLE identity_changes_base (
     at_ms BIGINT NOT NULL,
     scope VARCHAR NOT NULL,
     workspace_id VARCHAR NOT NULL,
@@ -58,11 +79,8 @@ CREATE TABLE identity_changes (
     reason VARCHAR NOT NULL,
     other_mpid BIGINT
 );
-COMMENT ON TABLE identity_changes IS 'Ledger of every profile creation and identity add/remove/steal/orphan/skip, with why';
-COMMENT ON COLUMN identity_changes.change IS
-    'create, add, remove, steal (taken from other_mpid), orphan, skip (not added), quarantine';
 
-CREATE TABLE aliases (
+CREATE TABLE aliases_base (
     alias_id VARCHAR NOT NULL,
     workspace_id VARCHAR NOT NULL,
     request_id VARCHAR,
@@ -77,17 +95,13 @@ CREATE TABLE aliases (
     status VARCHAR NOT NULL,
     processed_ms BIGINT
 );
-COMMENT ON TABLE aliases IS 'Alias ledger: every accepted alias request; pending until processed_ms';
-COMMENT ON COLUMN aliases.status IS 'pending (waits for process_after_ms), then processed: first-seen copied';
 
-CREATE TABLE hub_values (
+CREATE TABLE hub_values_base (
     scope VARCHAR NOT NULL,
     identity_type VARCHAR NOT NULL,
     value VARCHAR NOT NULL,
     profile_count INTEGER NOT NULL,
     quarantined_ms BIGINT NOT NULL
 );
-COMMENT ON TABLE hub_values IS
-    'Identity values shared by more profiles than the hub limit: quarantined, never used to match';
-"""),
+""" + _JOURNAL + ";\n".join(view_statements()) + ";\n" + _COMMENTS),
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from engine import journal
 from engine.migrations import MIGRATIONS
 
 
@@ -34,14 +35,10 @@ def migrate(connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute("COMMIT")
 
 
-def fold_profile_touches(connection: duckdb.DuckDBPyConnection) -> None:
-    """Move the appended last-seen touches into profiles, so start-up reads one table."""
+def fold_journal_at_start(connection: duckdb.DuckDBPyConnection) -> None:
+    """Fold what the last run left in the journal, so the writer starts from an empty one."""
     connection.execute("BEGIN")
-    connection.execute("""
-        UPDATE profiles SET last_seen_ms = t.last_seen_ms
-        FROM (SELECT mpid, max(last_seen_ms) AS last_seen_ms FROM profile_touches GROUP BY mpid) AS t
-        WHERE profiles.mpid = t.mpid AND t.last_seen_ms > profiles.last_seen_ms""")
-    connection.execute("DELETE FROM profile_touches")
+    journal.fold(connection)
     connection.execute("COMMIT")
 
 

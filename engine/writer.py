@@ -2,7 +2,8 @@
 
 A request hands its `WriteBatch` to `GroupCommitWriter.submit` and answers only when the returned future
 resolves, i.e. after the transaction holding its rows committed. Batches commit in submission order, so an
-answer never depends on state that a crash could take back.
+answer never depends on state that a crash could take back. A commit is one insert into the write journal;
+the writer folds the journal into the base tables when it has grown or aged (engine/journal.py).
 """
 
 from __future__ import annotations
@@ -11,47 +12,45 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
-import pyarrow as pa
+
+from engine import journal
+from engine.journal import journal_table
 
 log = logging.getLogger("idmesh.writer")
 
-PROFILE_COLUMNS = ("scope", "mpid", "created_ms", "first_seen_ms", "last_seen_ms", "status")
-IDENTITY_COLUMNS = ("scope", "mpid", "identity_type", "value", "raw_value", "added_ms")
-CHANGE_COLUMNS = ("at_ms", "scope", "workspace_id", "request_id", "operation", "strategy", "mpid", "change",
-                  "identity_type", "value", "reason", "other_mpid")
-ALIAS_COLUMNS = ("alias_id", "workspace_id", "request_id", "source_mpid", "destination_mpid", "start_ms",
-                 "end_ms", "alias_scope", "environment", "received_ms", "process_after_ms", "status", "processed_ms")
-HUB_COLUMNS = ("scope", "identity_type", "value", "profile_count", "quarantined_ms")
-
-
 @dataclass
 class WriteBatch:
-    """Rows one request wants durable. Identity adds and removes keep their order (see `_identity_ops`)."""
+    """What one request wants durable: journal rows in order (see engine/journal.py for the row kinds), and
+    rare SQL statements that run on the base tables after a fold, in the same transaction."""
 
-    new_profiles: list[tuple] = field(default_factory=list)
-    touches: list[tuple[int, int]] = field(default_factory=list)
-    identity_ops: list[tuple[str, tuple]] = field(default_factory=list)  # ("add", row) / ("remove", key)
-    status_changes: list[tuple[int, str]] = field(default_factory=list)
-    changes: list[tuple] = field(default_factory=list)
-    aliases: list[tuple] = field(default_factory=list)
-    hub_values: list[tuple] = field(default_factory=list)
+    rows: list[tuple[journal.RowKind, tuple]] = field(default_factory=list)
     statements: list[Callable[[duckdb.DuckDBPyConnection], None]] = field(default_factory=list)
 
+    def add(self, kind: journal.RowKind, row: tuple) -> None:
+        self.rows.append((kind, row))
+
     def extend(self, other: WriteBatch) -> None:
-        for name in self.__dataclass_fields__:
-            getattr(self, name).extend(getattr(other, name))
+        self.rows.extend(other.rows)
+        self.statements.extend(other.statements)
 
     def is_empty(self) -> bool:
-        return not any(getattr(self, name) for name in self.__dataclass_fields__)
+        return not self.rows and not self.statements
 
 
 class GroupCommitWriter:
-    def __init__(self, connection: duckdb.DuckDBPyConnection, max_batches: int = 2000) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, max_batches: int = 2000,
+                 fold_rows: int = 50_000, fold_seconds: float = 10.0) -> None:
         self._cursor = connection.cursor()
+        self._next_seq = 1 + (connection.execute("SELECT coalesce(max(seq), 0) FROM write_journal").fetchone()[0])
+        self._fold_rows = fold_rows
+        self._fold_seconds = fold_seconds
+        self._journal_rows = 0
+        self._oldest_unfolded: float | None = None
         self._queue: queue.Queue[tuple[WriteBatch, concurrent.futures.Future[None], int] | None] = queue.Queue()
         self._max_batches = max_batches
         # After a failed commit every queued batch was planned on state that is not durable: reject them
@@ -127,48 +126,23 @@ class GroupCommitWriter:
     def _write(self, batch: WriteBatch) -> None:
         cur = self._cursor
         cur.begin()
-        self._insert(cur, "profiles", PROFILE_COLUMNS, batch.new_profiles)
-        self._insert(cur, "profile_touches", ("mpid", "last_seen_ms"), batch.touches)
-        removed_keys, added_rows = _identity_ops(batch.identity_ops)
-        if removed_keys:
-            self._register(cur, "pending_removed", ("scope", "mpid", "identity_type", "value"), removed_keys)
-            cur.execute("""DELETE FROM identities USING pending_removed AS r
-                WHERE identities.scope = r.scope AND identities.mpid = r.mpid
-                  AND identities.identity_type = r.identity_type AND identities.value = r.value""")
-            cur.unregister("pending_removed")
-        self._insert(cur, "identities", IDENTITY_COLUMNS, added_rows)
-        for mpid, status in batch.status_changes:
-            cur.execute("UPDATE profiles SET status = ? WHERE mpid = ?", [status, mpid])
-        self._insert(cur, "identity_changes", CHANGE_COLUMNS, batch.changes)
-        self._insert(cur, "aliases", ALIAS_COLUMNS, batch.aliases)
-        self._insert(cur, "hub_values", HUB_COLUMNS, batch.hub_values)
+        if batch.rows:
+            pending = journal_table(self._next_seq, batch.rows)  # noqa: F841 (read by the INSERT below)
+            cur.execute("INSERT INTO write_journal SELECT * FROM pending")
+        fold = bool(batch.statements) or self._fold_due(len(batch.rows))
+        if fold:
+            journal.fold(cur)
         for statement in batch.statements:
             statement(cur)
         cur.commit()
+        self._next_seq += len(batch.rows)
+        if fold:
+            self._journal_rows, self._oldest_unfolded = 0, None
+        elif batch.rows:
+            self._journal_rows += len(batch.rows)
+            self._oldest_unfolded = self._oldest_unfolded or time.monotonic()
 
-    @staticmethod
-    def _register(cur: duckdb.DuckDBPyConnection, name: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
-        data = {c: list(values) for c, values in zip(columns, zip(*rows))}
-        cur.register(name, pa.table(data))
-
-    def _insert(self, cur: duckdb.DuckDBPyConnection, table: str, columns: tuple[str, ...], rows: list[tuple]
-                ) -> None:
-        if not rows:
-            return
-        self._register(cur, "pending_rows", columns, rows)
-        cur.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM pending_rows")
-        cur.unregister("pending_rows")
-
-
-def _identity_ops(ops: list[tuple[str, tuple]]) -> tuple[list[tuple], list[tuple]]:
-    """Net effect of ordered adds/removes: every key removed at any point is deleted from the table, then the
-    keys whose last operation is an add are inserted. A key only ever added is new (the graph knew it absent)."""
-    last: dict[tuple, tuple[str, tuple]] = {}
-    removed: set[tuple] = set()
-    for kind, row in ops:
-        key = row[:4]
-        if kind == "remove":
-            removed.add(key)
-        last[key] = (kind, row)
-    added_rows = [row for kind, row in last.values() if kind == "add"]
-    return sorted(removed), added_rows
+    def _fold_due(self, incoming: int) -> bool:
+        if self._journal_rows + incoming >= self._fold_rows:
+            return True
+        return self._oldest_unfolded is not None and time.monotonic() - self._oldest_unfolded > self._fold_seconds

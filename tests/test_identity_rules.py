@@ -82,8 +82,6 @@ class Workspace:
             "identity_changes": rows("SELECT count(*) FROM identity_changes WHERE scope = ?"),
             "aliases": rows("SELECT count(*) FROM aliases WHERE workspace_id = ?"),
             "hub_values": rows("SELECT count(*) FROM hub_values WHERE scope = ?"),
-            "touches": rows("SELECT count(*) FROM profile_touches WHERE mpid IN "
-                            "(SELECT mpid FROM profiles WHERE scope = ?)"),
         }
 
     def close(self) -> None:
