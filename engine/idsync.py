@@ -8,6 +8,7 @@ requests are atomic on the event loop) and then awaits the commit of its `WriteB
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 from collections.abc import Mapping
@@ -96,10 +97,15 @@ class IdSyncService:
     def close(self) -> None:
         self.writer.close()
         self.connection.close()
+        gc.unfreeze()  # build_graphs froze the graph; let the collector have it back
 
     def reload_graphs(self) -> None:
         """Rebuild the graphs from what is committed (start-up, and after a failed commit)."""
-        self.graphs = build_graphs(read_graph_snapshot(self.connection))
+        snapshot = read_graph_snapshot(self.connection)
+        try:
+            self.graphs = build_graphs(snapshot)
+        finally:
+            snapshot.close()
 
     def graph(self, workspace: Workspace) -> IdentityGraph:
         graph = self.graphs.get(workspace.scope)

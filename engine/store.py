@@ -42,18 +42,35 @@ def fold_journal_at_start(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("COMMIT")
 
 
+BATCH_ROWS = 200_000
+
+
 @dataclass(frozen=True)
 class GraphSnapshot:
-    """Column-oriented copies of the tables the identity graph is built from."""
+    """Streams of the rows the identity graph is built from; read in batches so start-up never holds a
+    second full copy of the graph in Arrow form."""
 
-    profiles: pa.Table     # scope, mpid, created_ms, last_seen_ms, status
-    identities: pa.Table   # scope, mpid, identity_type, value
-    hub_values: pa.Table   # scope, identity_type, value
+    profiles: pa.RecordBatchReader     # scope, mpid, created_ms, last_seen_ms, status
+    identities: pa.RecordBatchReader   # scope, mpid, identity_type, value; ordered by mpid
+    hub_values: pa.RecordBatchReader   # scope, identity_type, value
+    cursors: tuple[duckdb.DuckDBPyConnection, ...]
+
+    def close(self) -> None:
+        for cursor in self.cursors:
+            cursor.close()
 
 
 def read_graph_snapshot(connection: duckdb.DuckDBPyConnection) -> GraphSnapshot:
-    profiles = connection.sql("SELECT scope, mpid, created_ms, last_seen_ms, status FROM profiles").to_arrow_table()
-    identities = connection.sql(
-        "SELECT scope, mpid, identity_type, value FROM identities ORDER BY mpid").to_arrow_table()
-    hubs = connection.sql("SELECT scope, identity_type, value FROM hub_values").to_arrow_table()
-    return GraphSnapshot(profiles, identities, hubs)
+    cursors: list[duckdb.DuckDBPyConnection] = []
+
+    def stream(query: str) -> pa.RecordBatchReader:
+        # each stream needs its own cursor: a connection serves one open result at a time
+        cursors.append(connection.cursor())
+        return cursors[-1].sql(query).to_arrow_reader(BATCH_ROWS)
+
+    return GraphSnapshot(
+        stream("SELECT scope, mpid, created_ms, last_seen_ms, status FROM profiles"),
+        stream("SELECT scope, mpid, identity_type, value FROM identities ORDER BY mpid"),
+        stream("SELECT scope, identity_type, value FROM hub_values"),
+        tuple(cursors),
+    )
