@@ -12,6 +12,7 @@ Each row kind keeps its own column order; its integers go to columns i0..i6 and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import duckdb
 import pyarrow as pa
@@ -38,6 +39,12 @@ class RowKind:
                 out.append((column, f"s{strs}"))
                 strs += 1
         return out
+
+    @cached_property
+    def positions(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Where in a row tuple the integers and the strings sit."""
+        return (tuple(i for i, (_, kind) in enumerate(self.columns) if kind == "i"),
+                tuple(i for i, (_, kind) in enumerate(self.columns) if kind == "s"))
 
     def select(self) -> str:
         return ", ".join(f"{slot} AS {column}" for column, slot in self.slots())
@@ -71,19 +78,18 @@ JOURNAL_SCHEMA = pa.schema([("seq", pa.int64()), ("kind", pa.string())]
 
 def journal_table(first_seq: int, rows: list[tuple[RowKind, tuple]]) -> pa.Table:
     """One Arrow table holding rows of any kind, in order, numbered from `first_seq`."""
-    columns: dict[str, list] = {name: [] for name in JOURNAL_SCHEMA.names}
-    for offset, (kind, row) in enumerate(rows):
-        columns["seq"].append(first_seq + offset)
-        columns["kind"].append(kind.name)
-        ints: list = []
-        strs: list = []
-        for (_, slot_type), value in zip(kind.columns, row):
-            (ints if slot_type == "i" else strs).append(value)
-        for n in range(INT_SLOTS):
-            columns[f"i{n}"].append(ints[n] if n < len(ints) else None)
-        for n in range(STR_SLOTS):
-            columns[f"s{n}"].append(strs[n] if n < len(strs) else None)
-    return pa.table(columns, schema=JOURNAL_SCHEMA)
+    int_columns: list[list] = [[] for _ in range(INT_SLOTS)]
+    str_columns: list[list] = [[] for _ in range(STR_SLOTS)]
+    for kind, row in rows:
+        int_positions, str_positions = kind.positions
+        for n, column in enumerate(int_columns):
+            column.append(row[int_positions[n]] if n < len(int_positions) else None)
+        for n, column in enumerate(str_columns):
+            column.append(row[str_positions[n]] if n < len(str_positions) else None)
+    arrays = ([pa.array(range(first_seq, first_seq + len(rows)), pa.int64()),
+               pa.array([kind.name for kind, _ in rows], pa.string())]
+              + [pa.array(c, pa.int64()) for c in int_columns] + [pa.array(c, pa.string()) for c in str_columns])
+    return pa.Table.from_arrays(arrays, schema=JOURNAL_SCHEMA)
 
 
 def _key_match(left: str, right: str) -> str:
