@@ -6,13 +6,7 @@ Writes land in `write_journal` and are folded into the `*_base` tables; the publ
 
 from __future__ import annotations
 
-from engine.journal import INT_SLOTS, STR_SLOTS, view_statements
-
-_JOURNAL = ("CREATE TABLE write_journal (seq BIGINT NOT NULL, kind VARCHAR NOT NULL, "
-            + ", ".join(f"i{n} BIGINT" for n in range(INT_SLOTS)) + ", "
-            + ", ".join(f"s{n} VARCHAR" for n in range(STR_SLOTS)) + ");\n"
-            "COMMENT ON TABLE write_journal IS 'group-commit journal, folded into the *_base tables; "
-            "query the views instead';\n")
+from engine.journal import JOURNAL_DDL, view_statements
 
 _COMMENTS = """
 COMMENT ON COLUMN workspaces.secret_hash IS 'SHA-256 of the API secret; the secret itself is never stored in clear';
@@ -103,5 +97,5 @@ CREATE TABLE hub_values_base (
     profile_count INTEGER NOT NULL,
     quarantined_ms BIGINT NOT NULL
 );
-""" + _JOURNAL + ";\n".join(view_statements()) + ";\n" + _COMMENTS),
+""" + JOURNAL_DDL + ";\n".join(view_statements()) + ";\n" + _COMMENTS),
 ]

@@ -1,14 +1,15 @@
-"""Decision steps more than one strategy takes, named after what they do."""
+"""Decision steps more than one strategy takes, named after what they do, and the shape shared by the
+strategies that have login ids."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from strategies.lookup import is_known, login_gate, priority_walk, return_or_create
 from strategies.model import Decision, MissingLoginIdentity, Operation, ProfileView, ResolveInput
 
-
-def require_login_identity(request: ResolveInput, strategy: str) -> None:
-    if request.operation is Operation.LOGIN and not request.login_identities():
-        raise MissingLoginIdentity(strategy, request.rules.login_ids)
+Step = Callable[[ResolveInput], Decision]
 
 
 def known_login_match(request: ResolveInput) -> ProfileView | None:
@@ -44,3 +45,23 @@ def login_to_known_or_new(request: ResolveInput) -> Decision:
     if known is not None:
         return return_or_create(request, known, "login id matched known profile")
     return return_or_create(request, None, "login id not seen before: new profile")
+
+
+@dataclass(frozen=True)
+class LoginIdStrategy:
+    """A strategy with login ids: logout, a login-id request and an anonymous request each take one step."""
+
+    name: str
+    with_login_id: Step
+    on_logout: Step
+    allows_alias: bool
+    has_login_ids: bool = True
+
+    def decide(self, request: ResolveInput) -> Decision:
+        if request.operation is Operation.LOGOUT:
+            return self.on_logout(request)
+        if request.login_identities():
+            return self.with_login_id(request)
+        if request.operation is Operation.LOGIN:
+            raise MissingLoginIdentity(self.name, request.rules.login_ids)  # A2.15
+        return anonymous_resolution(request)
