@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/identify.py`: make the pro
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
-SCHEMA_TAG = "identify-v2"  # bump when the generated data changes, so stale caches are rebuilt
+SCHEMA_TAG = "identify-v3"  # bump when the generated data changes, so stale caches are rebuilt
 
 GOALS = {
     "load_s": 10.0,                 # 1M profiles loaded into the graph

@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import ADMIN_TOKEN, IdSyncClient, LiveServer
+from live_server import LiveServer
+from workspace_probe import ADMIN, WorkspaceProbe, module_server
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PRIORITY = ["customerid", "email", "ios_idfv", "roku_aid"]
 CID, EMAIL, IDFV = "ABC123", "ed.hyde@example.com", "9876"
 HOUR_MS = 3_600_000
@@ -23,14 +23,7 @@ CONVERSION = {"strategy": "profile_conversion", "identity_priority": PRIORITY, "
 LOGIN_STRATEGIES = ["default", "profile_conversion", "profile_link", "profile_isolation"]
 
 
-class Workspace:
-    def __init__(self, server: LiveServer, settings: dict[str, Any]) -> None:
-        self.server = server
-        credentials = server.create_workspace(settings)
-        self.id = credentials.id
-        self.api = IdSyncClient(server, credentials)
-        self.admin = server.client()
-
+class Workspace(WorkspaceProbe):
     def mpid(self, operation: str, identities: dict[str, Any], previous: str | int | None = None) -> str:
         return self.answer(operation, identities, previous)["mpid"]
 
@@ -56,21 +49,10 @@ class Workspace:
         assert response.status_code == 200, response.text
         return response.json()["mpid"]
 
-    def graph(self, mpid: str) -> dict:
-        response = self.admin.get(f"/platform/v2/workspaces/{self.id}/profiles/{mpid}/graph", headers=ADMIN)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def holds(self, mpid: str) -> set[tuple[str, str]]:
-        return {(i["type"], i["value"]) for i in self.graph(mpid)["identities"]}
-
     def hubs(self) -> dict:
         response = self.admin.get(f"/platform/v2/workspaces/{self.id}/identity/hubs", headers=ADMIN)
         assert response.status_code == 200, response.text
         return response.json()
-
-    def sql(self, query: str, *params: Any) -> list[tuple]:
-        return self.server.service.connection.cursor().execute(query, list(params)).fetchall()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a request could change, to show that a rejected one changed nothing."""
@@ -83,10 +65,6 @@ class Workspace:
             "aliases": rows("SELECT count(*) FROM aliases WHERE workspace_id = ?"),
             "hub_values": rows("SELECT count(*) FROM hub_values WHERE scope = ?"),
         }
-
-    def close(self) -> None:
-        self.api.close()
-        self.admin.close()
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> dict:
@@ -110,11 +88,7 @@ def now_ms() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[LiveServer]:
-    """One live server for this module (starting one per test costs more than the tests); every test makes its own
-    workspace, so tests share nothing but the process. Restarting it keeps every workspace, as in production."""
-    live = LiveServer(tmp_path_factory.mktemp("idmesh") / "idmesh.duckdb").start()
-    yield live
-    live.stop()
+    yield from module_server(tmp_path_factory.mktemp("idmesh"))
 
 
 @pytest.fixture

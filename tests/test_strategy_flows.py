@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from live_server import ADMIN_TOKEN, IdSyncClient, LiveServer
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+from live_server import LiveServer
+from workspace_probe import WorkspaceProbe, module_server
 
 # B§9: "Flows use priority CID > Email > IDFV > Roku".
 PRIORITY = ["customerid", "email", "ios_idfv", "roku_aid"]
@@ -34,15 +33,8 @@ CONVERTING = ["profile_conversion", "default"]
 SEPARATING = ["profile_link", "profile_isolation"]
 
 
-class Workspace:
+class Workspace(WorkspaceProbe):
     """A workspace on the live server: its IDSync client plus read access to what the server holds."""
-
-    def __init__(self, server: LiveServer, settings: dict[str, Any]) -> None:
-        self.server = server
-        credentials = server.create_workspace(settings)
-        self.id = credentials.id
-        self.api = IdSyncClient(server, credentials)
-        self.admin = server.client()
 
     def identify(self, identities: dict[str, Any], previous: str | None = None) -> dict:
         return checked(self.api.identify(identities, previous))
@@ -53,12 +45,6 @@ class Workspace:
     def logout(self, identities: dict[str, Any], previous: str | None = None) -> dict:
         return checked(self.api.logout(identities, previous))
 
-    def holds(self, mpid: str) -> set[tuple[str, str]]:
-        """The profile's identities as the platform graph endpoint reports them."""
-        response = self.admin.get(f"/platform/v2/workspaces/{self.id}/profiles/{mpid}/graph", headers=ADMIN)
-        assert response.status_code == 200, response.text
-        return {(i["type"], i["value"]) for i in response.json()["identities"]}
-
     def search(self, identities: dict[str, Any]) -> str | None:
         response = self.api.search(identities)
         if response.status_code == 404:
@@ -66,18 +52,11 @@ class Workspace:
         assert response.status_code == 200, response.text
         return checked(response.json())["mpid"]
 
-    def sql(self, query: str, *params: Any) -> list[tuple]:
-        return self.server.service.connection.cursor().execute(query, list(params)).fetchall()
-
     def status(self, mpid: str) -> str:
         return self.sql("SELECT status FROM profiles WHERE scope = ? AND mpid = ?", self.id, int(mpid))[0][0]
 
     def profile_count(self) -> int:
         return self.sql("SELECT count(*) FROM profiles WHERE scope = ?", self.id)[0][0]
-
-    def close(self) -> None:
-        self.api.close()
-        self.admin.close()
 
 
 def checked(answer: dict) -> dict:
@@ -95,11 +74,7 @@ def ids(**identities: str) -> set[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[LiveServer]:
-    """One live server for this module (starting one per test costs more than the tests); every test makes its own
-    workspace, so tests share nothing but the process. Restarting it keeps every workspace, as in production."""
-    live = LiveServer(tmp_path_factory.mktemp("idmesh") / "idmesh.duckdb").start()
-    yield live
-    live.stop()
+    yield from module_server(tmp_path_factory.mktemp("idmesh"))
 
 
 @pytest.fixture
