@@ -54,6 +54,8 @@ class IdentityNormalizer:
         if raw_value is None or isinstance(raw_value, bool):
             return None
         value = str(raw_value).strip()
+        if self.is_blocked(value):  # before the steps too: "-1" must not survive as the phone number "1"
+            return None
         for step in self._steps.get(identity_type, ()):
             value = step(value)
         if self.is_blocked(value):
