@@ -52,13 +52,6 @@ class ParsedIdentities:
     raw: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class IdentityChange:
-    identity_type: str
-    old_value: Any
-    new_value: Any
-
-
 class RequestContext:
     """Who asked what, for the ledger."""
 

@@ -69,7 +69,7 @@ class WorkspaceRegistry:
         rows = connection.execute("SELECT id, name, api_key, secret_hash, secret_sealed, settings, created_ms, "
                                   "updated_ms FROM workspaces").fetchall()
         for wid, name, key, shash, sealed, settings, created, updated in rows:
-            self._remember(Workspace(wid, name, key, shash, sealed, parse_settings(json.loads(settings)),
+            self.remember(Workspace(wid, name, key, shash, sealed, parse_settings(json.loads(settings)),
                                      created, updated))
 
     def all(self) -> list[Workspace]:
@@ -123,9 +123,7 @@ class WorkspaceRegistry:
         return updated, batch
 
     def remember(self, workspace: Workspace) -> None:
-        self._remember(workspace)
-
-    def _remember(self, workspace: Workspace) -> None:
+        """Make a committed workspace visible to requests."""
         self._by_id[workspace.id] = workspace
         self._by_key[workspace.api_key] = workspace
 

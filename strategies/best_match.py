@@ -12,7 +12,6 @@ from strategies.model import Decision, ResolveInput
 @dataclass(frozen=True)
 class BestMatch:
     name: str = "best_match"
-    has_login_ids: bool = False
     allows_alias: bool = False
 
     def decide(self, request: ResolveInput) -> Decision:

@@ -61,7 +61,6 @@ class Decision:
 
 class Strategy(Protocol):
     name: str
-    has_login_ids: bool
     allows_alias: bool
 
     def decide(self, request: ResolveInput) -> Decision: ...

@@ -55,7 +55,6 @@ class LoginIdStrategy:
     with_login_id: Step
     on_logout: Step
     allows_alias: bool
-    has_login_ids: bool = True
 
     def decide(self, request: ResolveInput) -> Decision:
         if request.operation is Operation.LOGOUT:
