@@ -274,7 +274,7 @@ class IdSyncService:
         record = graph.get(target_mpid) if target_mpid else None
         if record is None:
             raise LookupFailed(f"no profile with mpid {mpid} in this workspace", field="mpid")
-        planned = self._validate_changes(workspace, record, changes)
+        planned = self._validate_changes(workspace, graph, record, changes)
         context = RequestContext(workspace, "modify", request_id)
         record.last_seen_ms = max(record.last_seen_ms, context.at_ms)
         context.batch.add(journal.TOUCH, (record.mpid, record.last_seen_ms))
@@ -311,7 +311,7 @@ class IdSyncService:
                 context.ledger(loser_mpid, "orphan", "lost its last identifier to a unique-id steal",
                                other_mpid=winner.mpid)
 
-    def _validate_changes(self, workspace: Workspace, record: ProfileRecord, changes: Any
+    def _validate_changes(self, workspace: Workspace, graph: IdentityGraph, record: ProfileRecord, changes: Any
                           ) -> list[tuple[str, str | None, str | None, str]]:
         """Check every change before applying any, so a bad request changes nothing."""
         if not isinstance(changes, list) or not changes:
@@ -342,6 +342,11 @@ class IdSyncService:
                     and new != held_types[identity_type]:
                 raise BadRequest(f"{path}: {identity_type} is immutable and this profile already holds one",
                                  field=f"{path}.identity_type")
+            if identity_type in workspace.rules.immutable_ids and new is not None \
+                    and any(m != record.mpid for m in graph.holders(identity_type, new)):
+                # taking it would modify the holder's immutable id
+                raise BadRequest(f"{path}.new_value: this immutable {identity_type} belongs to another profile",
+                                 field=f"{path}.new_value")
             planned.append((identity_type, old, new, "" if raw_new is None else str(raw_new)))
         return planned
 

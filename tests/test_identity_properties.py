@@ -4,7 +4,7 @@ modify / alias sequences, in-process against IdSyncService over a real DuckDB fi
 After every step the in-memory graph and the tables must agree and hold the contract's invariants:
 (a) a unique-type value has at most one holder; (b) the login-ID gate; (c) MPIDs are never 0 and always exist;
 (d) blocked values are never stored; (e) every acknowledged answer is in the store. A client error changes
-nothing. Restarts (a rule, and always at the end) must reload exactly the graph that was acknowledged, and a
+nothing. Restarts (a step, and always at the end) must reload exactly the graph that was acknowledged, and a
 read_only repeat of the last request must give the same MPID.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.internal.conjecture import engine as hypothesis_engine
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from engine.errors import BadRequest, Forbidden, LookupFailed, NotFound
 from engine.idsync import IdSyncService
@@ -56,7 +57,6 @@ DEVICE_TYPES = frozenset({"ios_idfv", "android_uuid"})
 # The public table names (the store may implement some of them as views over a write journal).
 TABLES = ("workspaces", "profiles", "identities", "identity_changes", "aliases", "hub_values")
 CLIENT_ERRORS = (BadRequest, LookupFailed, NotFound, Forbidden)
-DAY_MS = 86_400_000
 
 
 def oracle_normalize(identity_type: str, raw: Any) -> str | None:
@@ -172,7 +172,7 @@ def profile_keys(state: dict[str, Any], scope: str, mpid: int) -> frozenset | No
 
 
 class IdentityMachine(RuleBasedStateMachine):
-    FOCUS: str | None = None  # a subclass may pin the workspace under test; otherwise each example draws one
+    FOCUS = "default"  # the workspace under test; each test run pins it with a subclass
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,20 +182,9 @@ class IdentityMachine(RuleBasedStateMachine):
         self.service = IdSyncService.open(self.db_path)
         self._touch_table: bool | None = None
         self.broken = False
-        self.focus = ""
+        # The workspace under test, and one other that only serves cross-workspace references.
+        self.focus = self.FOCUS
         self.ws_ids: dict[str, str] = {}
-        self.foreign_mpid = 0
-        self.counts = self.table_counts()  # row counts after the last step (refreshed by the invariant)
-        self.mpids: list[int] = []  # every MPID the workspace under test answered, latest last
-        self.acknowledged: set[int] = set()
-        self.resolves: list[tuple[Operation, dict[str, Any], Any, int]] = []
-        self.last_success: int | None = None  # index into resolves when the last state change was a resolve
-
-    @initialize(focus=st.sampled_from(list(WORKSPACES)))
-    @completes
-    def create_workspaces(self, focus: str) -> None:
-        """The workspace under test, and one other that only serves cross-workspace references."""
-        self.focus = self.FOCUS or focus
         for name in (self.focus, "best_match" if self.focus != "best_match" else "default"):
             created, batch = self.service.workspaces.plan_create(name, WORKSPACES[name])
             self.run(self.service.commit(batch))
@@ -204,7 +193,11 @@ class IdentityMachine(RuleBasedStateMachine):
         foreign = next(n for n in self.ws_ids if n != self.focus)
         self.foreign_mpid = self.run(self.service.resolve(self.workspace_named(foreign), Operation.IDENTIFY,
                                                           {"ios_idfv": "dev-a", "email": "ann@example.com"})).mpid
-        self.acknowledged.add(self.foreign_mpid)
+        self.counts = self.table_counts()  # row counts after the last step (refreshed by the invariant)
+        self.mpids: list[int] = []  # every MPID the workspace under test answered, latest last
+        self.acknowledged: set[int] = {self.foreign_mpid}
+        self.resolves: list[tuple[Operation, dict[str, Any], Any, int]] = []
+        self.last_success: int | None = None  # index into resolves when the last state change was a resolve
 
     # --- plumbing ------------------------------------------------------------------------------------------
     def run(self, coro: Any) -> Any:
@@ -305,7 +298,7 @@ class IdentityMachine(RuleBasedStateMachine):
             self.expect_no_change(before, f"{operation.value} {identities} -> {exc!r}")
             self.check_expected_error(operation, identities, exc)
             return
-        self.check_resolve_answer(operation, identities, answer, before, graph_state(self.service))
+        self.check_resolve_answer(operation, identities, previous_mpid, answer, before, graph_state(self.service))
         self.record_resolve(operation, identities, previous_mpid, answer.mpid)
 
     def record_resolve(self, operation: Operation, identities: dict[str, Any], previous_mpid: Any, mpid: int
@@ -325,8 +318,8 @@ class IdentityMachine(RuleBasedStateMachine):
         assert operation is Operation.LOGIN and login_ids and not {t for t, _ in usable} & login_ids, \
             f"LOOKUP_ERROR for {operation.value} {identities}, which carries a login id: {exc}"
 
-    def check_resolve_answer(self, operation: Operation, identities: dict[str, Any], answer: Any,
-                             before: dict[str, Any], after: dict[str, Any] | None) -> None:
+    def check_resolve_answer(self, operation: Operation, identities: dict[str, Any], previous_mpid: Any,
+                             answer: Any, before: dict[str, Any], after: dict[str, Any] | None) -> None:
         """`before`/`after`: graph states just before and just after this request (no `after` in a burst,
         where later requests of the burst may already have changed the profile)."""
         workspace = self.ws
@@ -338,7 +331,7 @@ class IdentityMachine(RuleBasedStateMachine):
         request = request_keys(identities)
         before_keys = profile_keys(before, scope, mpid) or frozenset()
         has_login_ids = workspace.settings.strategy != "best_match"
-        what = f"{operation.value} {identities} (previous {self.resolves[-1][3] if self.resolves else None})"
+        what = f"{operation.value} {identities} (previous_mpid {previous_mpid})"
 
         # (b) the login-ID gate, on the profile as it was before the request.
         before_login = {k for k in before_keys if k[0] in rules.login_ids}
@@ -397,7 +390,7 @@ class IdentityMachine(RuleBasedStateMachine):
                 assert at_error == before, f"rejected {operation.value} {identities} changed the graph"
                 self.check_expected_error(operation, identities, outcome)
             else:
-                self.check_resolve_answer(operation, identities, outcome, before, None)
+                self.check_resolve_answer(operation, identities, previous_mpid, outcome, before, None)
                 self.record_resolve(operation, identities, previous_mpid, outcome.mpid)
 
     def search(self, identities: dict[str, Any]) -> None:
@@ -558,12 +551,15 @@ class IdentityMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize("focus", list(WORKSPACES))
-def test_identity_graph_properties(focus: str) -> None:
-    """One run per workspace kind, so that every strategy gets the same share of the examples."""
+def test_identity_graph_properties(focus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run per workspace kind, so that every strategy gets the same share of the examples. A passing run
+    takes a few seconds per kind. Each example costs a DuckDB file, so shrinking a failure is slow: it is capped
+    at a minute (hypothesis' own cap, five minutes, would run into the suite's timeout)."""
+    monkeypatch.setattr(hypothesis_engine, "MAX_SHRINKING_SECONDS", 60, raising=False)
     machine = type(f"IdentityMachine_{focus}", (IdentityMachine,), {"FOCUS": focus})
     run_state_machine_as_test(
         machine,
-        settings=settings(max_examples=8, stateful_step_count=25, deadline=None, derandomize=True, database=None,
+        settings=settings(max_examples=6, stateful_step_count=25, deadline=None, derandomize=True, database=None,
                           report_multiple_bugs=False, print_blob=False,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )

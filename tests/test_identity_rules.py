@@ -166,8 +166,11 @@ def test_immutable_id_gate_and_immutable_ids_cannot_be_modified(workspace):
         response = ws.api.modify(p1, [{"identity_type": "customerid", **change}])
         error_of(response, 400, "BAD_REQUEST")
     assert ws.snapshot() == before
-    # An immutable id may be set on a profile that has none yet.
+    # An immutable id may be set on a profile that has none yet, but never taken from the profile holding it.
     anonymous = ws.mpid("identify", {"roku_aid": "r-1"})
+    before = ws.snapshot()
+    error_of(ws.modify(anonymous, "customerid", None, CID), 400, "BAD_REQUEST")
+    assert ws.snapshot() == before
     assert ws.modify(anonymous, "customerid", None, "NEW-CID").status_code == 200
     assert ws.mpid("login", {"customerid": "NEW-CID"}) == anonymous
 
