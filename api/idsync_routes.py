@@ -4,31 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api.auth import authenticate_workspace
 from api.body import body_schema, parse_body
 from api.models import AliasRequestBody, IdentityRequest, ModifyRequest, SearchRequest
+from api.responses import json_response, service_of
 from engine.errors import BadRequest
-from engine.idsync import IdentityAnswer, IdSyncService
+from engine.idsync import IdentityAnswer
 from engine.workspaces import Workspace
 from strategies.model import Operation
 
 router = APIRouter(tags=["IDSync"])
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _service(request: Request) -> IdSyncService:
-    return request.app.state.service
-
-
 async def _workspace(request: Request, key_in_path: str | None = None) -> Workspace:
-    workspace = await authenticate_workspace(request, _service(request), key_in_path)
+    workspace = await authenticate_workspace(request, service_of(request), key_in_path)
     request.app.state.buckets.take(workspace.id, workspace.settings.rate_limit)
     return workspace
 
@@ -42,9 +34,9 @@ def _identity_body(answer: IdentityAnswer, context: str | None, return_matches: 
 async def _resolve(request: Request, operation: Operation, read_only: bool, return_matches: bool) -> Response:
     workspace = await _workspace(request)
     body = await parse_body(request, IdentityRequest)
-    answer = await _service(request).resolve(workspace, operation, body.known_identities, body.previous_mpid,
+    answer = await service_of(request).resolve(workspace, operation, body.known_identities, body.previous_mpid,
                                              body.effective_request_id(), read_only)
-    return _json(_identity_body(answer, body.context, return_matches))
+    return json_response(_identity_body(answer, body.context, return_matches))
 
 
 @router.post("/v1/identify", openapi_extra=body_schema(IdentityRequest))
@@ -69,8 +61,8 @@ async def logout(request: Request, read_only: bool = False,
 async def search(request: Request) -> Response:
     workspace = await _workspace(request)
     body = await parse_body(request, SearchRequest)
-    answer = await _service(request).search(workspace, body.known_identities)
-    return _json(_identity_body(answer, body.context, True))
+    answer = await service_of(request).search(workspace, body.known_identities)
+    return json_response(_identity_body(answer, body.context, True))
 
 
 @router.post("/v1/{mpid}/modify", openapi_extra=body_schema(ModifyRequest))
@@ -78,8 +70,8 @@ async def modify(request: Request, mpid: str) -> Response:
     workspace = await _workspace(request)
     body = await parse_body(request, ModifyRequest)
     changes = [c.model_dump() for c in body.identity_changes]
-    results = await _service(request).modify(workspace, mpid, changes, body.request_id or body.requestId)
-    return _json({"change_results": [{"identity_type": r.identity_type, "modified_mpid": str(r.modified_mpid)}
+    results = await service_of(request).modify(workspace, mpid, changes, body.request_id or body.requestId)
+    return json_response({"change_results": [{"identity_type": r.identity_type, "modified_mpid": str(r.modified_mpid)}
                                      for r in results]})
 
 
@@ -88,7 +80,7 @@ async def _alias(request: Request, key_in_path: str | None) -> Response:
     body = await parse_body(request, AliasRequestBody)
     if body.api_key is not None and body.api_key != workspace.api_key:
         raise BadRequest("api_key does not match the credentials used", field="api_key")
-    await _service(request).alias(workspace, body.model_dump())
+    await service_of(request).alias(workspace, body.model_dump())
     return Response(status_code=202)
 
 

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from api.auth import authenticate_workspace, check_admin
 from api.body import body_schema, parse_body
 from api.models import WorkspaceCreate, WorkspaceUpdate
+from api.responses import json_response, service_of
 from engine.errors import BadRequest, Forbidden, Unauthorized
 from engine.graph_views import hub_report, profile_graph, profile_graph_json, profile_graph_svg
-from engine.idsync import IdSyncService
 from engine.workspaces import Workspace
 
 router = APIRouter(prefix="/platform/v2", tags=["Platform"])
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _service(request: Request) -> IdSyncService:
-    return request.app.state.service
 
 
 def _require_admin(request: Request) -> None:
@@ -33,8 +24,8 @@ def _require_admin(request: Request) -> None:
 async def _admin_or_own_workspace(request: Request, workspace_id: str) -> Workspace:
     """The admin token sees every workspace; a workspace's own Basic credentials see only that workspace."""
     if check_admin(request, request.app.state.admin_token):
-        return _service(request).workspaces.get(workspace_id)
-    workspace = await authenticate_workspace(request, _service(request))
+        return service_of(request).workspaces.get(workspace_id)
+    workspace = await authenticate_workspace(request, service_of(request))
     if workspace.id != workspace_id:
         raise Forbidden("these credentials belong to another workspace")
     return workspace
@@ -44,34 +35,34 @@ async def _admin_or_own_workspace(request: Request, workspace_id: str) -> Worksp
 async def create_workspace(request: Request) -> Response:
     _require_admin(request)
     body = await parse_body(request, WorkspaceCreate)
-    service = _service(request)
+    service = service_of(request)
     created, batch = service.workspaces.plan_create(body.name, body.settings)
     await service.commit(batch)
     service.workspaces.remember(created.workspace)
-    return _json(dict(created.workspace.public_json(), api_secret=created.api_secret), 201)
+    return json_response(dict(created.workspace.public_json(), api_secret=created.api_secret), 201)
 
 
 @router.get("/workspaces")
 async def list_workspaces(request: Request) -> Response:
     _require_admin(request)
-    return _json({"workspaces": [w.public_json() for w in _service(request).workspaces.all()]})
+    return json_response({"workspaces": [w.public_json() for w in service_of(request).workspaces.all()]})
 
 
 @router.get("/workspaces/{workspace_id}")
 async def get_workspace(request: Request, workspace_id: str) -> Response:
     workspace = await _admin_or_own_workspace(request, workspace_id)
-    return _json(workspace.public_json())
+    return json_response(workspace.public_json())
 
 
 @router.put("/workspaces/{workspace_id}", openapi_extra=body_schema(WorkspaceUpdate))
 async def update_workspace(request: Request, workspace_id: str) -> Response:
     _require_admin(request)
     body = await parse_body(request, WorkspaceUpdate)
-    service = _service(request)
+    service = service_of(request)
     updated, batch = service.workspaces.plan_update(workspace_id, body.name, body.settings)
     await service.commit(batch)
     service.workspaces.remember(updated)
-    return _json(updated.public_json())
+    return json_response(updated.public_json())
 
 
 @router.get("/workspaces/{workspace_id}/profiles/{mpid}/graph")
@@ -81,16 +72,16 @@ async def get_profile_graph(request: Request, workspace_id: str, mpid: str, form
         mpid_value = int(mpid)
     except ValueError:
         raise BadRequest("mpid must be a 64-bit integer", field="mpid") from None
-    service = _service(request)
+    service = service_of(request)
     g = profile_graph(service.graph(workspace), mpid_value, service.aliases.involving(workspace.id, mpid_value))
     if format == "svg":
         return Response(profile_graph_svg(g, mpid_value), media_type="image/svg+xml")
     if format != "json":
         raise BadRequest("format must be json or svg", field="format")
-    return _json(profile_graph_json(g, mpid_value))
+    return json_response(profile_graph_json(g, mpid_value))
 
 
 @router.get("/workspaces/{workspace_id}/identity/hubs")
 async def get_hub_report(request: Request, workspace_id: str) -> Response:
     workspace = await _admin_or_own_workspace(request, workspace_id)
-    return _json(hub_report(_service(request).graph(workspace)))
+    return json_response(hub_report(service_of(request).graph(workspace)))

@@ -128,7 +128,7 @@ def plan_processing(record: AliasRecord, batch: WriteBatch) -> None:
     processed_at = now_ms()
 
     def copy_first_seen(cur: duckdb.DuckDBPyConnection) -> None:
-        # Statements run right after a journal fold, so the base tables hold every committed row.
+        # fold_first (below): the base tables hold every committed row when this runs
         cur.execute("""UPDATE profiles_base SET first_seen_ms = source.first_seen_ms
                        FROM (SELECT first_seen_ms FROM profiles_base WHERE mpid = ?) AS source
                        WHERE profiles_base.mpid = ?""", [record.source_mpid, record.destination_mpid])
@@ -136,3 +136,4 @@ def plan_processing(record: AliasRecord, batch: WriteBatch) -> None:
                     [processed_at, record.alias_id])
 
     batch.statements.append(copy_first_seen)
+    batch.fold_first = True

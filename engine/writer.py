@@ -24,13 +24,16 @@ from engine.journal import journal_table
 
 log = logging.getLogger("idmesh.writer")
 
+
 @dataclass
 class WriteBatch:
     """What one request wants durable: journal rows in order (see engine/journal.py for the row kinds), and
-    rare SQL statements that run on the base tables after a fold, in the same transaction."""
+    rare SQL statements run in the same transaction. A statement that updates rows of a journaled table sets
+    `fold_first`, so the rows it updates have reached the base tables."""
 
     rows: list[tuple[journal.RowKind, tuple]] = field(default_factory=list)
     statements: list[Callable[[duckdb.DuckDBPyConnection], None]] = field(default_factory=list)
+    fold_first: bool = False
 
     def add(self, kind: journal.RowKind, row: tuple) -> None:
         self.rows.append((kind, row))
@@ -38,9 +41,10 @@ class WriteBatch:
     def extend(self, other: WriteBatch) -> None:
         self.rows.extend(other.rows)
         self.statements.extend(other.statements)
+        self.fold_first = self.fold_first or other.fold_first
 
     def is_empty(self) -> bool:
-        return not self.rows and not self.statements
+        return not self.rows and not self.statements and not self.fold_first
 
 
 class GroupCommitWriter:
@@ -130,15 +134,16 @@ class GroupCommitWriter:
     def _write(self, batch: WriteBatch) -> None:
         cur = self._cursor
         pending = journal_table(self._next_seq, batch.rows)  # noqa: F841 (read by the INSERTs below)
-        fold = bool(batch.statements) or self._fold_due(len(batch.rows))
-        if not fold:
-            # The common case in one call: every call into DuckDB gives up the GIL, and winning it back from
-            # a busy event loop is what made commits slow.
+        fold = batch.fold_first or self._fold_due(len(batch.rows))
+        if not fold and not batch.statements:
+            # the common case in one round trip into DuckDB
             cur.execute("BEGIN; INSERT INTO write_journal SELECT * FROM pending; COMMIT")
         else:
             cur.begin()
-            cur.execute("INSERT INTO write_journal SELECT * FROM pending")
-            journal.fold(cur)
+            if batch.rows:
+                cur.execute("INSERT INTO write_journal SELECT * FROM pending")
+            if fold:
+                journal.fold(cur)
             for statement in batch.statements:
                 statement(cur)
             cur.commit()

@@ -41,8 +41,7 @@ def test_views_before_a_fold_equal_the_base_tables_after_it(tmp_path):
     before = view_state(connection)
     assert before["identities"] == [("ws", 7, "email", "a@x", "a@X", 2), ("ws", 7, "ios_idfv", "d", "D", 1)]
     assert ("ws", 7, 1, 1, 50, "active") in before["profiles"] and ("ws", 8, 1, 1, 1, "orphaned") in before["profiles"]
-    fold = WriteBatch()
-    fold.statements.append(lambda cur: None)  # statements always run after a fold
+    fold = WriteBatch(fold_first=True)
     writer.submit(fold).result()
     assert connection.execute("SELECT count(*) FROM write_journal").fetchone()[0] == 0
     assert view_state(connection) == before
