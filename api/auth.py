@@ -14,9 +14,10 @@ from engine.idsync import IdSyncService
 from engine.workspaces import Workspace
 
 
-async def authenticate_workspace(request: Request, service: IdSyncService, key_in_path: str | None = None
-                                 ) -> Workspace:
-    """Resolve the calling workspace or raise 401. Never logs or echoes a secret."""
+async def authenticate_workspace(request: Request, service: IdSyncService, key_in_path: str | None = None,
+                                 allow_key_only: bool = True) -> Workspace:
+    """Resolve the calling workspace or raise 401. Never logs or echoes a secret. `allow_key_only=False` is
+    for endpoints that read data or accept server-to-server writes: a client key alone is public."""
     authorization = request.headers.get("authorization", "")
     if authorization[:6].lower() == "basic ":
         key, secret = _basic_credentials(authorization[6:])
@@ -34,6 +35,8 @@ async def authenticate_workspace(request: Request, service: IdSyncService, key_i
     if signature:
         await _check_signature(request, service, workspace, signature)
         return workspace
+    if not allow_key_only:
+        raise Unauthorized("this endpoint needs the API secret: use Basic auth or an HMAC signature")
     if not workspace.settings.key_only_auth:
         raise Unauthorized("key-only authentication is disabled for this workspace; sign the request")
     return workspace
