@@ -9,13 +9,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from api import idsync_routes, platform_routes
+from api import events_routes, idsync_routes, platform_routes
 from api.background import start_background_jobs
 from api.body import add_body_schemas
 from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
 from engine.idsync import IdSyncService
+from engine.ingest import EventIngestor
 
 
 def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
@@ -30,12 +31,14 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app = FastAPI(title="idmesh", version="0.1.0", lifespan=lifespan,
                   description="Identity resolution speaking mParticle's IDSync wire format")
     app.state.service = service
+    app.state.ingestor = EventIngestor(service)
     app.state.admin_token = admin_token
     app.state.buckets = TokenBuckets()
     install_error_handlers(app)
     add_body_schemas(app)
     app.include_router(idsync_routes.router)
     app.include_router(platform_routes.router)
+    app.include_router(events_routes.router)
 
     @app.get("/healthz", tags=["Health"])
     async def healthz() -> Response:

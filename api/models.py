@@ -78,3 +78,32 @@ class WorkspaceCreate(BaseModel):
 class WorkspaceUpdate(BaseModel):
     name: str | None = None
     settings: dict | None = None
+
+
+class EventModel(BaseModel):
+    """One event of a batch: `data` holds the type's fields (reference §2)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_type: str
+    data: dict | None = None
+
+
+class EventBatch(BaseModel):
+    """An Events API batch (reference §2); documentation only: engine/event_batches.py validates it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    events: list[EventModel] | None = None
+    mpid: str | int | None = None
+    user_identities: dict[str, str | None] | None = None
+    device_info: dict | None = None
+    application_info: dict | None = None
+    user_attributes: dict | None = None
+    deleted_user_attributes: list[str] | None = None
+    consent_state: dict | None = None
+    environment: Literal["production", "development"] | None = None
+    batch_id: int | str | None = None
+    source_request_id: str | None = None
+    timestamp_unixtime_ms: int | None = None
+    mp_deviceid: str | None = None

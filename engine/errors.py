@@ -52,3 +52,8 @@ class StoreUnavailable(IdmeshError):
 
     status = 503
     code = "SERVICE_UNAVAILABLE"
+
+
+class PayloadTooLarge(IdmeshError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"

@@ -127,9 +127,9 @@ class IdSyncService:
         return answer
 
     def plan_resolve(self, workspace: Workspace, operation: Operation, known_identities: Any,
-                     previous_mpid: Any = None, request_id: str | None = None, read_only: bool = False
-                     ) -> tuple[IdentityAnswer, WriteBatch]:
-        parsed = self.parse_identities(workspace, known_identities)
+                     previous_mpid: Any = None, request_id: str | None = None, read_only: bool = False,
+                     identities_path: str = "known_identities") -> tuple[IdentityAnswer, WriteBatch]:
+        parsed = self.parse_identities(workspace, known_identities, identities_path)
         graph = self.graph(workspace)
         request = self._resolve_input(workspace, graph, operation, parsed, _parse_mpid(previous_mpid))
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import duckdb
 import orjson
 import pyarrow as pa
 
@@ -23,11 +22,16 @@ import pyarrow as pa
 class RowKind:
     name: str
     table: str
-    columns: tuple[tuple[str, str], ...]  # (column, "i" or "s") in the order of the row tuples
+    columns: tuple[tuple[str, str], ...]  # (column, "i" BIGINT, "s" VARCHAR or "j" JSON) in row-tuple order
 
     def select(self) -> str:
-        return ", ".join(f"(payload->>{i})::{'BIGINT' if kind == 'i' else 'VARCHAR'} AS {column}"
-                         for i, (column, kind) in enumerate(self.columns))
+        return ", ".join(f"{_extract(i, kind)} AS {column}" for i, (column, kind) in enumerate(self.columns))
+
+
+def _extract(index: int, kind: str) -> str:
+    if kind == "j":
+        return f"nullif(payload->{index}, 'null'::JSON)"
+    return f"(payload->>{index})::{'BIGINT' if kind == 'i' else 'VARCHAR'}"
 
 
 PROFILE = RowKind("profile", "profiles", (("scope", "s"), ("mpid", "i"), ("created_ms", "i"),
@@ -107,7 +111,7 @@ def view_statements() -> list[str]:
 
 
 def fold_statements() -> list[str]:
-    """Move everything in the journal into the base tables (run in one transaction)."""
+    """Move the identity rows of the journal into their base tables (engine/store.fold runs them all)."""
     statements = [
         f"INSERT INTO profiles_base SELECT {PROFILE.select()} FROM write_journal WHERE kind = 'profile'",
         f"""UPDATE profiles_base SET last_seen_ms = t.last_seen_ms FROM ({_TOUCHES}) AS t
@@ -120,11 +124,4 @@ def fold_statements() -> list[str]:
         columns = ", ".join(column for column, _ in kind.columns)
         statements.append(f"INSERT INTO {kind.table}_base ({columns}) SELECT {kind.select()} FROM write_journal "
                           f"WHERE kind = '{kind.name}'")
-    statements.append("DELETE FROM write_journal")
     return statements
-
-
-def fold(cur: duckdb.DuckDBPyConnection) -> None:
-    """Move the journal into the base tables; the caller owns the transaction."""
-    for statement in fold_statements():
-        cur.execute(statement)

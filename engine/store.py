@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from engine import journal
+from engine import event_journal, journal
 from engine.migrations import MIGRATIONS
 
 
@@ -35,10 +35,17 @@ def migrate(connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute("COMMIT")
 
 
+def fold(cur: duckdb.DuckDBPyConnection) -> None:
+    """Move everything in the write journal into the base tables; the caller owns the transaction."""
+    for statement in journal.fold_statements() + event_journal.fold_statements():
+        cur.execute(statement)
+    cur.execute("DELETE FROM write_journal")
+
+
 def fold_journal_at_start(connection: duckdb.DuckDBPyConnection) -> None:
     """Fold what the last run left in the journal, so the writer starts from an empty one."""
     connection.execute("BEGIN")
-    journal.fold(connection)
+    fold(connection)
     connection.execute("COMMIT")
 
 

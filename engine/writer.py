@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from engine import journal
+from engine import journal, store
 from engine.journal import journal_table
 
 log = logging.getLogger("idmesh.writer")
@@ -143,7 +143,7 @@ class GroupCommitWriter:
             if batch.rows:
                 cur.execute("INSERT INTO write_journal SELECT * FROM pending")
             if fold:
-                journal.fold(cur)
+                store.fold(cur)
             for statement in batch.statements:
                 statement(cur)
             cur.commit()
