@@ -9,7 +9,7 @@ import hmac
 
 from fastapi import Request
 
-from engine.errors import Unauthorized
+from engine.errors import Forbidden, Unauthorized
 from engine.idsync import IdSyncService
 from engine.workspaces import Workspace
 
@@ -74,3 +74,15 @@ def check_admin(request: Request, admin_token: str) -> bool:
     if authorization[:7].lower() != "bearer ":
         return False
     return hmac.compare_digest(authorization[7:].strip().encode(), admin_token.encode())
+
+
+async def admin_or_own_workspace(request: Request, workspace_id: str) -> Workspace:
+    """The admin token sees every workspace; a workspace's own key + secret see only that workspace. A client
+    key alone never reads data (reference §2: client keys cannot read)."""
+    service: IdSyncService = request.app.state.service
+    if check_admin(request, request.app.state.admin_token):
+        return service.workspaces.get(workspace_id)
+    workspace = await authenticate_workspace(request, service, allow_key_only=False)
+    if workspace.id != workspace_id:
+        raise Forbidden("these credentials belong to another workspace")
+    return workspace

@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from api.auth import authenticate_workspace
 from api.body import body_schema, parse_body
-from api.models import AliasRequestBody, IdentityRequest, ModifyRequest, SearchRequest
+from api.models import AliasRequestBody, IdentityRequest, ModifyRequest, SearchRequest, UnaliasRequestBody
 from api.responses import json_response, service_of
+from engine.aliasing import AliasRecord
 from engine.errors import BadRequest
 from engine.idsync import IdentityAnswer
 from engine.workspaces import Workspace
@@ -75,25 +76,43 @@ async def modify(request: Request, mpid: str) -> Response:
                                      for r in results]})
 
 
-async def _alias(request: Request, key_in_path: str | None) -> Response:
+async def _alias(request: Request, key_in_path: str | None) -> AliasRecord:
     workspace = await _workspace(request, key_in_path)
     body = await parse_body(request, AliasRequestBody)
     if body.api_key is not None and body.api_key != workspace.api_key:
         raise BadRequest("api_key does not match the credentials used", field="api_key")
-    await service_of(request).alias(workspace, body.model_dump())
-    return Response(status_code=202)
+    return await service_of(request).alias(workspace, body.model_dump())
+
+
+def _alias_json(record: AliasRecord) -> dict[str, Any]:
+    return {"alias_id": record.alias_id, "status": record.status, "source_mpid": str(record.source_mpid),
+            "destination_mpid": str(record.destination_mpid), "start_unixtime_ms": record.start_ms,
+            "end_unixtime_ms": record.end_ms}
 
 
 @router.post("/v1/identity/{api_key}/alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
 async def alias_from_native_sdk(request: Request, api_key: str) -> Response:
-    return await _alias(request, api_key)
+    await _alias(request, api_key)
+    return Response(status_code=202)  # the SDKs expect no body
 
 
 @router.post("/v1/identity/{api_key}/Alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
 async def alias_from_web_sdk(request: Request, api_key: str) -> Response:
-    return await _alias(request, api_key)
+    await _alias(request, api_key)
+    return Response(status_code=202)
 
 
 @router.post("/v1/alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
 async def alias_server_to_server(request: Request) -> Response:
-    return await _alias(request, None)
+    """Server to server: the answer names the alias, so it can be undone with /v1/unalias."""
+    return json_response(_alias_json(await _alias(request, None)), status=202)
+
+
+@router.post("/v1/unalias", openapi_extra=body_schema(UnaliasRequestBody))
+async def unalias(request: Request) -> Response:
+    """idmesh extension: undo aliases named by `alias_id` or by `data.source_mpid` + `data.destination_mpid`;
+    removes exactly the events their processing copied and restores the destination's first-seen."""
+    workspace = await authenticate_workspace(request, service_of(request), allow_key_only=False)
+    body = await parse_body(request, UnaliasRequestBody)
+    records = await service_of(request).unalias(workspace, body.model_dump(exclude_none=True))
+    return json_response({"unaliased": [_alias_json(r) for r in records]})

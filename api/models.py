@@ -70,6 +70,20 @@ class AliasRequestBody(BaseModel):
     data: AliasData
 
 
+class AliasPair(BaseModel):
+    source_mpid: str | int
+    destination_mpid: str | int
+
+
+class UnaliasRequestBody(BaseModel):
+    """idmesh extension: name the alias by `alias_id` (from POST /v1/alias) or by its two profiles."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    alias_id: str | None = None
+    data: AliasPair | None = None
+
+
 class WorkspaceCreate(BaseModel):
     name: str
     settings: dict | None = None

@@ -5,13 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from api.auth import authenticate_workspace, check_admin
+from api.auth import admin_or_own_workspace, check_admin
 from api.body import body_schema, parse_body
 from api.models import WorkspaceCreate, WorkspaceUpdate
 from api.responses import json_response, service_of
-from engine.errors import BadRequest, Forbidden, Unauthorized
+from engine.errors import BadRequest, Unauthorized
 from engine.graph_views import hub_report, profile_graph, profile_graph_json, profile_graph_svg
-from engine.workspaces import Workspace
 
 router = APIRouter(prefix="/platform/v2", tags=["Platform"])
 
@@ -19,16 +18,6 @@ router = APIRouter(prefix="/platform/v2", tags=["Platform"])
 def _require_admin(request: Request) -> None:
     if not check_admin(request, request.app.state.admin_token):
         raise Unauthorized("this endpoint needs the admin bearer token")
-
-
-async def _admin_or_own_workspace(request: Request, workspace_id: str) -> Workspace:
-    """The admin token sees every workspace; a workspace's own Basic credentials see only that workspace."""
-    if check_admin(request, request.app.state.admin_token):
-        return service_of(request).workspaces.get(workspace_id)
-    workspace = await authenticate_workspace(request, service_of(request))
-    if workspace.id != workspace_id:
-        raise Forbidden("these credentials belong to another workspace")
-    return workspace
 
 
 @router.post("/workspaces", status_code=201, openapi_extra=body_schema(WorkspaceCreate))
@@ -50,7 +39,7 @@ async def list_workspaces(request: Request) -> Response:
 
 @router.get("/workspaces/{workspace_id}")
 async def get_workspace(request: Request, workspace_id: str) -> Response:
-    workspace = await _admin_or_own_workspace(request, workspace_id)
+    workspace = await admin_or_own_workspace(request, workspace_id)
     return json_response(workspace.public_json())
 
 
@@ -67,7 +56,7 @@ async def update_workspace(request: Request, workspace_id: str) -> Response:
 
 @router.get("/workspaces/{workspace_id}/profiles/{mpid}/graph")
 async def get_profile_graph(request: Request, workspace_id: str, mpid: str, format: str = "json") -> Response:
-    workspace = await _admin_or_own_workspace(request, workspace_id)
+    workspace = await admin_or_own_workspace(request, workspace_id)
     try:
         mpid_value = int(mpid)
     except ValueError:
@@ -83,5 +72,5 @@ async def get_profile_graph(request: Request, workspace_id: str, mpid: str, form
 
 @router.get("/workspaces/{workspace_id}/identity/hubs")
 async def get_hub_report(request: Request, workspace_id: str) -> Response:
-    workspace = await _admin_or_own_workspace(request, workspace_id)
+    workspace = await admin_or_own_workspace(request, workspace_id)
     return json_response(hub_report(service_of(request).graph(workspace)))

@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 
 from engine import journal
-from engine.aliasing import AliasLedger, AliasRecord, plan_processing
+from engine.aliasing import AliasLedger, AliasRecord, plan_processing, plan_unalias
 from engine.errors import BadRequest, Forbidden, LookupFailed, NotFound, StoreUnavailable
 from engine.graph import IdentityGraph, ProfileRecord
 from engine.graph_loader import build_graphs
@@ -370,6 +370,17 @@ class IdSyncService:
         if due_now:
             record.status = "processed"
         return record
+
+    async def unalias(self, workspace: Workspace, body: Any) -> list[AliasRecord]:
+        """Undo aliases (idmesh extension): remove exactly the events they copied and restore first-seen."""
+        records = self.aliases.find_for_unalias(workspace.id, body)
+        batch = WriteBatch()
+        for record in records:
+            plan_unalias(record, batch)
+        await self.commit(batch)
+        for record in records:
+            record.status = "unaliased"
+        return records
 
     async def process_due_aliases(self) -> int:
         """Process the aliases whose delay has passed; run by the scheduler. Returns how many."""
