@@ -51,14 +51,15 @@ def parse_fields(fields: str | None) -> tuple[str, ...]:
 
 
 def resolve_immutable(workspace: Workspace, graph: IdentityGraph, identity: Any) -> int:
-    """The MPID holding an immutable identity, e.g. {"type": "customer_id", "value": "12345"}."""
+    """The MPID holding an identity that names one profile: an immutable or unique type of the workspace
+    (customer_id by default), e.g. {"type": "customer_id", "value": "12345"}."""
     if not isinstance(identity, dict) or not isinstance(identity.get("type"), str):
         raise BadRequest("identity must be an object with type and value", field="identity")
     identity_type = wire_name(identity["type"])
-    if identity_type not in workspace.rules.immutable_ids:
-        raise BadRequest(f"identity.type {identity['type']} is not an immutable identity of this workspace "
-                         f"({', '.join(sorted(profile_api_name(t) for t in workspace.rules.immutable_ids))})",
-                         field="identity.type")
+    lookup_types = workspace.rules.immutable_ids | workspace.rules.unique_ids
+    if identity_type not in lookup_types:
+        raise BadRequest(f"identity.type {identity['type']} does not name one profile in this workspace; use "
+                         f"{', '.join(sorted(profile_api_name(t) for t in lookup_types))}", field="identity.type")
     raw = identity.get("value")
     if not isinstance(raw, (str, int)) or isinstance(raw, bool):
         raise BadRequest("identity.value must be a string", field="identity.value")
