@@ -100,18 +100,23 @@ _EVENT_COLUMNS = """workspace_id, mpid, batch_id, event_index, event_type, event
     received_ms, session_uuid, session_id, event_id, source_message_id, environment, custom_attributes, data,
     copied_from_mpid, alias_id"""
 
+# unnest + one multi-path extraction per event: about 3x cheaper than json_each with a path walk per column
+_EVENT_TEXT_PATHS = ["$.event_type", "$.data.event_name", "$.data.screen_name", "$.data.custom_event_type",
+                     "$.data.timestamp_unixtime_ms", "$.data.session_uuid", "$.data.session_id", "$.data.event_id",
+                     "$.data.source_message_id"]
 _JOURNAL_EVENTS = f"""
-    SELECT j.workspace_id, j.mpid, j.batch_id, e.key::INTEGER AS event_index, e.value->>'event_type' AS event_type,
-           coalesce(e.value->'data'->>'event_name', e.value->'data'->>'screen_name') AS event_name,
-           e.value->'data'->>'custom_event_type' AS custom_event_type,
-           coalesce(TRY_CAST(e.value->'data'->>'timestamp_unixtime_ms' AS DOUBLE)::BIGINT, j.default_timestamp_ms)
-               AS timestamp_ms,
-           j.received_ms, e.value->'data'->>'session_uuid' AS session_uuid,
-           TRY_CAST(e.value->'data'->>'session_id' AS BIGINT) AS session_id,
-           e.value->'data'->>'event_id' AS event_id, e.value->'data'->>'source_message_id' AS source_message_id,
-           j.environment, nullif(e.value->'data'->'custom_attributes', 'null'::JSON) AS custom_attributes,
-           coalesce(e.value->'data', '{{}}'::JSON) AS data, NULL::BIGINT AS copied_from_mpid, NULL::VARCHAR AS alias_id
-    FROM (SELECT {EVENTS.select()} FROM write_journal WHERE kind = 'events') AS j, json_each(j.events) AS e"""
+    SELECT workspace_id, mpid, batch_id, event_index - 1 AS event_index, t[1] AS event_type,
+           coalesce(t[2], t[3]) AS event_name, t[4] AS custom_event_type,
+           coalesce(TRY_CAST(t[5] AS DOUBLE)::BIGINT, default_timestamp_ms) AS timestamp_ms, received_ms,
+           t[6] AS session_uuid, TRY_CAST(t[7] AS BIGINT) AS session_id, t[8] AS event_id, t[9] AS source_message_id,
+           environment, nullif(data->'custom_attributes', 'null'::JSON) AS custom_attributes,
+           coalesce(data, '{{}}'::JSON) AS data, NULL::BIGINT AS copied_from_mpid, NULL::VARCHAR AS alias_id
+    FROM (SELECT * EXCLUDE (event), json_extract_string(event, {_EVENT_TEXT_PATHS}) AS t,
+                 json_extract(event, '$.data') AS data
+          FROM (SELECT * EXCLUDE (event_list), unnest(event_list) AS event,
+                       generate_subscripts(event_list, 1) AS event_index
+                FROM (SELECT {EVENTS.select(exclude=('events',))}, json_extract(payload, '$[6][*]') AS event_list
+                      FROM write_journal WHERE kind = 'events')))"""
 
 _JOURNAL_ATTRIBUTES = f"""
     WITH j AS (SELECT seq, {ATTRIBUTES.select()} FROM write_journal WHERE kind = 'attributes')

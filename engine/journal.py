@@ -24,8 +24,9 @@ class RowKind:
     table: str
     columns: tuple[tuple[str, str], ...]  # (column, "i" BIGINT, "s" VARCHAR or "j" JSON) in row-tuple order
 
-    def select(self) -> str:
-        return ", ".join(f"{_extract(i, kind)} AS {column}" for i, (column, kind) in enumerate(self.columns))
+    def select(self, exclude: tuple[str, ...] = ()) -> str:
+        return ", ".join(f"{_extract(i, kind)} AS {column}" for i, (column, kind) in enumerate(self.columns)
+                         if column not in exclude)
 
 
 def _extract(index: int, kind: str) -> str:
