@@ -1,0 +1,208 @@
+"""Analyst SQL: one read-only query against the idmesh database, for the admin (every workspace) or for one
+workspace (only its rows). No HTTP here; api/sql_routes.py and api/sql_cli.py call `run_query`.
+
+Each layer below stops writes on its own, so a gap in one is not a hole:
+1. engine/sql_guard.py: DuckDB's parse tree shows exactly one SELECT reading only public views and its own CTEs.
+2. The query runs on its own connection (`cursor()`), inside `BEGIN TRANSACTION READ ONLY`, always rolled back.
+3. That connection has Python replacement scans off, so no name can read a Python object of this process (the
+   writer's pending Arrow batch, say), and the instance has extension auto-install and auto-load off.
+   In file mode (no server running) the database is also opened read-only with external access off and the
+   configuration locked. The server's own instance cannot have external access off: DuckDB then refuses the
+   Python replacement scan the group-commit writer inserts with (`INSERT ... SELECT * FROM pending`), and a locked
+   configuration would stop each analyst connection from turning its replacement scans off.
+
+A workspace caller's connection shadows each public view it reads with a TEMP view of the same name filtered to
+the workspace: temporary objects belong to that connection and win over the database's names, and qualified
+names are refused so the unfiltered view behind cannot be named.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from engine.errors import BadRequest, IdmeshError
+from engine.sql_guard import check_select
+
+if TYPE_CHECKING:
+    from engine.workspaces import Workspace
+
+# The views analysts may query, each with the column that holds the workspace (or identity scope) of a row.
+# Register new public views here; a name only becomes readable once the view exists in the database and, for
+# workspace callers, has that column.
+PUBLIC_VIEWS: dict[str, str] = {
+    "profiles": "scope",
+    "identities": "scope",
+    "hub_values": "scope",
+    "identity_changes": "workspace_id",
+    "aliases": "workspace_id",
+    "events": "workspace_id",
+    "batches": "workspace_id",
+    "user_attributes": "workspace_id",
+    "consent": "workspace_id",
+    "consent_history": "workspace_id",
+}
+
+# What a restriction column is compared with for a workspace caller.
+_WORKSPACE_VALUES: dict[str, Callable[[Workspace], str]] = {
+    "scope": lambda workspace: workspace.scope,
+    "workspace_id": lambda workspace: workspace.id,
+}
+
+DEFAULT_LIMIT = 10_000
+MAX_LIMIT = 100_000
+DEFAULT_TIMEOUT_SECONDS = 30.0
+MAX_TIMEOUT_SECONDS = 300.0
+
+# Set on the whole instance: they only concern extensions, which the server never loads at run time (json, parquet
+# and icu are built in), and a query naming an extension function must not download code.
+_INSTANCE_SETTINGS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                      "allow_community_extensions": False}
+_FILE_CONFIG = {"enable_external_access": False, "python_enable_replacements": False, **_INSTANCE_SETTINGS,
+                "lock_configuration": True}
+
+
+class QueryTimeout(IdmeshError):
+    """The query ran past its statement timeout and was interrupted; nothing it did remains."""
+
+    status = 400
+    code = "QUERY_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    table: pa.Table             # at most `limit` rows
+    types: tuple[str, ...]      # DuckDB type of each column, e.g. BIGINT, JSON, TIMESTAMP WITH TIME ZONE
+    truncated: bool             # the query had more rows than `limit`
+    limit: int
+
+    @property
+    def row_count(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def columns(self) -> list[dict[str, str]]:
+        return [{"name": name, "type": kind} for name, kind in zip(self.table.column_names, self.types)]
+
+
+def open_read_only(path: str) -> duckdb.DuckDBPyConnection:
+    """Open a database file for analyst queries when no server owns it: read-only, no file or network access,
+    no extension loading, configuration locked."""
+    return duckdb.connect(path, read_only=True, config=dict(_FILE_CONFIG))
+
+
+def run_query(connection: duckdb.DuckDBPyConnection, sql: Any, workspace: Workspace | None = None,
+              limit: Any = DEFAULT_LIMIT, timeout_seconds: Any = DEFAULT_TIMEOUT_SECONDS) -> QueryResult:
+    """Check and run one analyst query. `workspace=None` reads every workspace (admin, or the file owner);
+    otherwise only that workspace's rows are visible. Blocking: call it off the event loop."""
+    limit = _checked_limit(limit)
+    timeout_seconds = _checked_timeout(timeout_seconds)
+    cursor = connection.cursor()  # its own DuckDB connection: temp views, settings and transaction stay here
+    try:
+        _harden(cursor)
+        database = cursor.execute("SELECT current_database()").fetchall()[0][0]
+        readable = _readable_views(cursor, database, restricted=workspace is not None)
+        qualifiers = () if workspace is not None else ("main", database)
+        checked = check_select(cursor, sql, readable, qualifiers)
+        if workspace is not None:
+            for view in sorted(checked.views):
+                cursor.execute(_restricted_view(database, view, PUBLIC_VIEWS[view], workspace))
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        return _execute(cursor, checked.statement, limit, timeout_seconds)
+    finally:
+        cursor.close()  # drops the temp views and rolls back whatever is still open
+
+
+def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, limit: int, timeout_seconds: float
+             ) -> QueryResult:
+    finished = threading.Event()
+    fired = threading.Event()
+
+    def stop() -> None:
+        if not finished.is_set():
+            fired.set()
+            cursor.interrupt()
+
+    timer = threading.Timer(timeout_seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        relation = cursor.sql(statement)
+        types = tuple(str(t) for t in relation.types)
+        # limit + 1 rows tell a complete answer from a cut one without reading the rest
+        table = relation.limit(limit + 1).to_arrow_table()
+    except duckdb.InterruptException:
+        if fired.is_set():
+            raise QueryTimeout(f"the query ran longer than its {timeout_seconds:g} s timeout and was stopped",
+                               field="timeout_seconds") from None
+        raise BadRequest("the query was interrupted", field="sql") from None
+    except duckdb.Error as exc:
+        raise BadRequest(f"the query failed: {str(exc).strip()}", field="sql") from None
+    finally:
+        finished.set()
+        timer.cancel()
+        try:
+            cursor.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # an interrupted or failed transaction; closing the connection discards it
+    truncated = table.num_rows > limit
+    return QueryResult(table.slice(0, limit) if truncated else table, types, truncated, limit)
+
+
+def _harden(cursor: duckdb.DuckDBPyConnection) -> None:
+    """Instance settings (extensions) and this connection's own (Python replacement scans off). Each is set only
+    when it differs, so a read-only file connection, whose configuration is locked, is left as it is."""
+    settings = [(name, value, "GLOBAL") for name, value in _INSTANCE_SETTINGS.items()]
+    settings.append(("python_enable_replacements", False, "SESSION"))
+    for name, value, scope in settings:
+        if cursor.execute("SELECT current_setting(?)", [name]).fetchall()[0][0] != value:
+            cursor.execute(f"SET {scope} {name} = {str(value).lower()}")
+
+
+def _readable_views(cursor: duckdb.DuckDBPyConnection, database: str, restricted: bool) -> list[str]:
+    """The public views that exist in the database's main schema; for a restricted caller, only those that
+    have their restriction column (a view without it cannot be filtered, so it is not reachable)."""
+    rows = cursor.execute(
+        "SELECT v.view_name, list(c.column_name) FROM duckdb_views() AS v "
+        "JOIN duckdb_columns() AS c ON c.database_name = v.database_name AND c.schema_name = v.schema_name "
+        "AND c.table_name = v.view_name "
+        "WHERE v.database_name = ? AND v.schema_name = 'main' AND NOT v.temporary AND list_contains(?, v.view_name) "
+        "GROUP BY v.view_name", [database, list(PUBLIC_VIEWS)]).fetchall()
+    if not restricted:
+        return [name for name, _ in rows]
+    return [name for name, columns in rows if PUBLIC_VIEWS[name] in columns and PUBLIC_VIEWS[name] in _WORKSPACE_VALUES]
+
+
+def _restricted_view(database: str, view: str, column: str, workspace: Workspace) -> str:
+    # The database is named in full: inside a temp view, `main.<view>` would resolve to the temp view itself.
+    value = _WORKSPACE_VALUES[column](workspace)
+    return (f"CREATE TEMP VIEW {_identifier(view)} AS SELECT * FROM {_identifier(database)}.main.{_identifier(view)} "
+            f"WHERE {_identifier(column)} = {_literal(value)}")
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    # Workspace ids are generated by us ("ws_" + hex), but quote as if they were not.
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _checked_limit(limit: Any) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit")
+    return limit
+
+
+def _checked_timeout(timeout_seconds: Any) -> float:
+    if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, int | float) \
+            or not 0 < timeout_seconds <= MAX_TIMEOUT_SECONDS:
+        raise BadRequest(f"timeout_seconds must be a number above 0 and at most {MAX_TIMEOUT_SECONDS:g}",
+                         field="timeout_seconds")
+    return float(timeout_seconds)
