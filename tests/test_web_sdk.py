@@ -108,12 +108,32 @@ def _tail(path: Path, limit: int = 6000) -> str:
 
 
 class IdmeshServer:
-    def __init__(self, port: int, log_path: Path, proc: subprocess.Popen):
+    def __init__(self, port: int, log_path: Path, proc: subprocess.Popen, db_path: Path):
         self.port = port
         self.host = f"127.0.0.1:{port}"
         self.base = f"https://127.0.0.1:{port}"
         self.log_path = log_path
         self.proc = proc
+        self.db_path = db_path
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn shuts down and `idmesh serve` closes its DuckDB file. Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        """Reads the server's database once it has stopped: DuckDB lets one process at a time open the file,
+        and the running server holds it."""
+        import duckdb
+
+        assert self.proc.poll() is not None, "stop() the server before reading its database"
+        with duckdb.connect(str(self.db_path), read_only=True) as connection:
+            return connection.execute(sql, list(params)).fetchall()
 
     def client(self):
         import httpx
@@ -156,33 +176,42 @@ def tls_files(tmp_path_factory) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-@pytest.fixture(scope="module")
-def idmesh_server(prerequisites, tls_files, tmp_path_factory):
-    d = tmp_path_factory.mktemp("idmesh")
+@contextlib.contextmanager
+def _serve_idmesh(directory: Path, tls_files: tuple[Path, Path]):
+    """Runs `idmesh serve` over TLS on a fresh DuckDB file in `directory` until the block ends."""
     cert_path, key_path = tls_files
     port = _free_port()
+    db_path = directory / "db.duckdb"
     cmd = _idmesh_command() + [
         "serve",
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--db", str(d / "db.duckdb"),
+        "--db", str(db_path),
         "--tls-cert", str(cert_path),
         "--tls-key", str(key_path),
     ]  # fmt: skip
     env = dict(os.environ, IDMESH_ADMIN_TOKEN=ADMIN_TOKEN)
-    log_path = d / "server.log"
+    log_path = directory / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = IdmeshServer(port, log_path, proc, db_path)
         try:
-            yield _wait_healthy(IdmeshServer(port, log_path, proc), cmd)
+            yield _wait_healthy(server, cmd)
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def idmesh_server(prerequisites, tls_files, tmp_path_factory):
+    with _serve_idmesh(tmp_path_factory.mktemp("idmesh"), tls_files) as server:
+        yield server
+
+
+@pytest.fixture
+def own_idmesh_server(prerequisites, tls_files, tmp_path):
+    """A server for one test, which may stop it to read its database."""
+    with _serve_idmesh(tmp_path, tls_files) as server:
+        yield server
 
 
 def _wait_healthy(server: IdmeshServer, cmd: list[str]) -> IdmeshServer:
@@ -292,19 +321,48 @@ class Harness:
     def current_user(self) -> dict:
         return self._call("() => window.idmesh.currentUser()")
 
+    def log_event(self, name: str, attributes: dict) -> None:
+        self._call("([n, a]) => window.idmesh.logEvent(n, a)", [name, attributes])
+
+    def log_page_view(self, name: str, attributes: dict) -> None:
+        self._call("([n, a]) => window.idmesh.logPageView(n, a)", [name, attributes])
+
+    def set_user_attribute(self, name: str, value) -> dict:
+        """Sets it on the current user (a list through setUserAttributeList); returns all its attributes."""
+        return self._call("([n, v]) => window.idmesh.setUserAttribute(n, v)", [name, value])
+
+    def upload_and_wait(self, marker: str) -> dict:
+        """mParticle.upload(), then waits until idmesh has answered the events upload whose body contains
+        `marker`; returns {status, body (the batch sent), answer}. Playwright's default timeout bounds the wait."""
+
+        def is_upload(response) -> bool:
+            request = response.request
+            return request.method == "POST" and request.url.endswith("/events") and marker in (request.post_data or "")
+
+        with self.page.expect_response(is_upload) as info:
+            self._call("() => window.idmesh.upload()")
+        response = info.value
+        return {"status": response.status, "body": json.loads(response.request.post_data), "answer": response.json()}
+
 
 @pytest.fixture
 def open_harness(browser, static_server, idmesh_server):
-    """open_harness(api_key, identify_request=None) -> Harness with the SDK initialised against idmesh.
+    """open_harness(api_key, identify_request=None, server=None, config=None) -> Harness with the SDK
+    initialised against idmesh (the module's server unless `server` is given).
 
-    identify_request (user identities) is passed as the SDK's `identifyRequest` init option. Every
-    harness gets its own browser context (empty storage). Diagnostics are printed on teardown."""
+    identify_request (user identities) is passed as the SDK's `identifyRequest` init option; config holds
+    further init options (e.g. `flags`). Every harness gets its own browser context (empty storage).
+    Diagnostics are printed on teardown."""
     from playwright.sync_api import Error as PlaywrightError
 
     contexts = []
     harnesses: list[Harness] = []
+    servers: list[IdmeshServer] = []
 
-    def _open(api_key: str, identify_request: dict | None = None) -> Harness:
+    def _open(api_key: str, identify_request: dict | None = None, server: IdmeshServer | None = None,
+              config: dict | None = None) -> Harness:
+        server = server or idmesh_server
+        servers.append(server)
         context = browser.new_context(ignore_https_errors=True)
         context.set_default_timeout(CALL_TIMEOUT_MS)
         contexts.append(context)
@@ -312,7 +370,7 @@ def open_harness(browser, static_server, idmesh_server):
         events: list[str] = []
         requests: list[dict] = []
         by_request: dict = {}  # keyed by the Request object itself
-        api_prefix = idmesh_server.base
+        api_prefix = server.base
 
         def on_request(req):
             if req.url.startswith(api_prefix):
@@ -342,12 +400,15 @@ def open_harness(browser, static_server, idmesh_server):
         page.on("requestfailed", on_failed)
         page.on("console", lambda msg: events.append(f"console.{msg.type}: {msg.text}"[:1500]))
         page.on("pageerror", lambda exc: events.append(f"pageerror: {exc}"))
-        url = f"{static_server}/index.html?key={api_key}&api={idmesh_server.host}"
+        url = f"{static_server}/index.html?key={api_key}&api={server.host}"
+        start_config = dict(config or {})
         if identify_request is not None:
+            start_config["identifyRequest"] = {"userIdentities": identify_request}
+        if start_config:
             url += "&autostart=0"
         page.goto(url, wait_until="load", timeout=CALL_TIMEOUT_MS)
-        if identify_request is not None:
-            page.evaluate("(ids) => { window.idmesh.start({identifyRequest: {userIdentities: ids}}); }", identify_request)
+        if start_config:
+            page.evaluate("(config) => { window.idmesh.start(config); }", start_config)
         h = Harness(page, events, requests)
         harnesses.append(h)
         return h
@@ -359,8 +420,9 @@ def open_harness(browser, static_server, idmesh_server):
         for h in harnesses:
             print("---- browser events (requests to idmesh, console) ----")
             print("\n".join(h.events))
-        print("---- idmesh serve log (tail) ----")
-        print(_tail(idmesh_server.log_path))
+        for server in dict.fromkeys(servers or [idmesh_server]):
+            print(f"---- idmesh serve log (tail) {server.base} ----")
+            print(_tail(server.log_path))
         for context in contexts:
             with contextlib.suppress(PlaywrightError):
                 context.close()
@@ -472,3 +534,65 @@ def test_unknown_api_key_reports_http_status(open_harness):
     started = h.ready()
     assert started["httpCode"] == -1 and "401" in str(started["body"]), started
     assert [r["status"] for r in h.requests_to("/v1/identify")] == [401], h.requests
+
+
+def test_events_from_the_page_are_stored_for_the_current_mpid(open_harness, own_idmesh_server):
+    # A server of its own: the test stops it to read the DuckDB file, which the running server holds.
+    server = own_idmesh_server
+    ws = server.create_workspace("profile_link")
+    # Batching on, with an interval no test reaches: only mParticle.upload() sends the events logged below.
+    h = open_harness(ws["api_key"], server=server, config={"flags": {"eventBatchingIntervalMillis": "3600000"}})
+    tag = _unique()
+    customerid = f"eventscid-{tag}"
+
+    anon = _ok(h.ready(), "start-up identify")["mpid"]
+    known = _ok(h.login({"email": f"events-{tag}@example.com", "customerid": customerid}), "login")["mpid"]
+    assert known != anon, "profile_link login must move the page to a new profile"
+
+    h.log_event(f"Web Purchase {tag}", {"sku": "sku-1", "coupon": "SPRING"})
+    h.log_page_view(f"Checkout {tag}", {"step": "payment"})
+    h.set_user_attribute("plan", "pro")
+    attributes = h.set_user_attribute("colours", ["red", "blue"])
+    assert attributes == {"plan": "pro", "colours": ["red", "blue"]}, attributes
+    sent = h.upload_and_wait(f"Web Purchase {tag}")
+
+    assert sent["status"] == 202, sent
+    assert sent["answer"]["status"] == "accepted" and sent["answer"]["mpid"] == known, sent
+    assert sent["body"]["mpid"] == known, sent["body"]
+    assert [e["event_type"] for e in sent["body"]["events"]] == [
+        "custom_event", "screen_view", "user_attribute_change", "user_attribute_change"]
+    answered = [r["status"] for r in h.requests_to(f"/v3/JS/{ws['api_key']}/events") if r["status"] is not None]
+    assert answered and set(answered) == {202}, h.requests
+    r = server.search(ws, {"customerid": customerid})
+    assert r.status_code == 200 and str(r.json()["mpid"]) == known, f"POST /v1/search -> {r.status_code} {r.text}"
+
+    server.stop()
+    _assert_page_data_stored(server, ws["id"], int(known), int(anon), tag)
+
+
+def _assert_page_data_stored(server: IdmeshServer, workspace_id: str, known: int, anon: int, tag: str) -> None:
+    """What the stopped server's database holds after the page's upload: the events and user attributes on
+    the logged-in profile, nothing of them on the anonymous one, every batch from the web SDK path."""
+    events = server.query(
+        """SELECT event_type, event_name, custom_event_type, custom_attributes FROM events
+           WHERE workspace_id = ? AND mpid = ? AND event_type IN ('custom_event', 'screen_view')
+           ORDER BY timestamp_ms, event_index""",
+        workspace_id, known,
+    )  # fmt: skip
+    assert [(t, n, c, json.loads(a)) for t, n, c, a in events] == [
+        ("custom_event", f"Web Purchase {tag}", "other", {"sku": "sku-1", "coupon": "SPRING"}),
+        ("screen_view", f"Checkout {tag}", None, {"step": "payment"}),
+    ]
+    stored = server.query("SELECT name, value FROM user_attributes WHERE workspace_id = ? AND mpid = ?",
+                          workspace_id, known)
+    assert {name: json.loads(value) for name, value in stored} == {"plan": "pro", "colours": ["red", "blue"]}
+    changes = server.query(
+        """SELECT data->>'user_attribute_name' FROM events WHERE workspace_id = ? AND mpid = ?
+           AND event_type = 'user_attribute_change' ORDER BY timestamp_ms, event_index""",
+        workspace_id, known,
+    )  # fmt: skip
+    assert changes == [("plan",), ("colours",)]
+    on_anon = server.query("SELECT count(*) FROM events WHERE mpid = ? AND event_name LIKE ?", anon, f"%{tag}%")
+    assert on_anon == [(0,)]
+    sources = server.query("SELECT DISTINCT source, environment FROM batches WHERE workspace_id = ?", workspace_id)
+    assert sources == [("web", "development")]

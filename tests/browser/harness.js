@@ -244,6 +244,20 @@
         upload: function () {
             window.mParticle.upload();
         },
+        // setUserAttribute(name, value) on the current user; an array goes
+        // through setUserAttributeList.  Returns all the user's attributes.
+        setUserAttribute: function (name, value) {
+            var user = window.mParticle.Identity.getCurrentUser();
+            if (!user) {
+                throw new Error('idmesh harness: no current user to set ' + name + ' on');
+            }
+            if (Array.isArray(value)) {
+                user.setUserAttributeList(name, value);
+            } else {
+                user.setUserAttribute(name, value);
+            }
+            return user.getAllUserAttributes();
+        },
 
         logs: function () {
             return logLines.slice();
