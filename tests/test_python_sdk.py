@@ -252,6 +252,62 @@ def test_batch_naming_a_known_mpid_lands_on_that_profile(server, workspace, even
     assert stored_counts(server, workspace)["profiles"] == 1
 
 
+def every_sdk_event() -> list[Any]:
+    """One model of each event class the SDK's Batch accepts, in its list's order."""
+    from mparticle.models.user_attribute_change_event import UserAttributeChangeEvent  # not re-exported
+
+    return [
+        mparticle.AppEvent(event_name="Tapped", custom_event_type="navigation", timestamp_unixtime_ms=1795330000000,
+                           session_id=42, session_uuid="S-1", event_id=7, source_message_id="m-1",
+                           custom_flags={"flag": "on"}, location=mparticle.GeoLocation(latitude=38.7, longitude=-9.1)),
+        mparticle.FirstRunEvent(), mparticle.SessionStartEvent(), mparticle.SessionEndEvent(session_duration_ms=5),
+        mparticle.ApplicationStateTransitionEvent(application_transition_type="application_initialized"),
+        mparticle.ScreenViewEvent(screen_name="Home"),
+        mparticle.PushRegistrationEvent(register=True, registration_token="push-token"),
+        mparticle.ProfileEvent(), mparticle.OptOutEvent(is_opted_out=True), mparticle.BreadcrumbEvent(label="crumb"),
+        mparticle.CommerceEvent(product_action=mparticle.ProductAction("add_to_cart"), currency_code="EUR",
+                                promotion_action=mparticle.PromotionAction(
+                                    action="view", promotions=[mparticle.Promotion(id="promo-1")])),
+        mparticle.PushMessageEvent(push_message_token="push-token", push_message_type="received", message="hi"),
+        mparticle.NetworkPerformanceEvent(http_verb="GET", url="https://example.com", time_elapsed=1, bytes_in=1,
+                                          bytes_out=1, response_code=200),
+        mparticle.CrashReportEvent(message="boom"),
+        UserAttributeChangeEvent(user_attribute_name="tier", new="gold", deleted=False, is_new_attribute=True),
+    ]
+
+
+def test_every_event_type_and_envelope_field_the_sdk_builds_is_accepted(server, workspace, events_api):
+    batch = make_batch(
+        environment="production",
+        user_identities=identities("cust-e"),
+        mp_deviceid="device-stamp-1",
+        ip="203.0.113.9",
+        application_info=mparticle.ApplicationInformation(application_name="shop", application_version="1.0"),
+        context=mparticle.BatchContext(data_plan=mparticle.DataPlanContext(plan_id="shop_plan", plan_version=2)),
+        integration_attributes={"160": {"braze_id": "b-1"}},
+        events=every_sdk_event(),
+    )
+
+    outcome = upload(events_api, batch)
+
+    mpid = int(outcome["mpid"])
+    # The SDK itself labels CrashReportEvent as commerce_event; idmesh stores what it was sent.
+    assert rows(server, "SELECT event_type FROM events WHERE mpid = ? ORDER BY event_index", mpid) == [
+        (t,) for t in ("custom_event", "first_run", "session_start", "session_end", "application_state_transition",
+                       "screen_view", "push_registration", "profile", "opt_out", "breadcrumb", "commerce_event",
+                       "push_message", "network_performance", "commerce_event", "user_attribute_change")]
+    assert rows(server, """SELECT event_name, custom_event_type, session_id, session_uuid, event_id, source_message_id,
+                                  data->'custom_flags'->>'flag', data->'location'->>'latitude'
+                           FROM events WHERE mpid = ? AND event_index = 0""", mpid) == [
+        ("Tapped", "navigation", 42, "S-1", "7", "m-1", "on", "38.7")]
+    envelope = json.loads(rows(server, "SELECT envelope FROM batches WHERE mpid = ?", mpid)[0][0])
+    assert envelope["ip"] == "203.0.113.9" and envelope["application_info"]["application_name"] == "shop"
+    assert envelope["context"]["data_plan"] == {"plan_id": "shop_plan", "plan_version": 2}
+    assert envelope["integration_attributes"] == {"160": {"braze_id": "b-1"}}
+    assert dict(rows(server, "SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid)) == {
+        "customerid": "cust-e", "other2": "loyalty-cust-e", "device_application_stamp": "device-stamp-1"}
+
+
 def test_replayed_source_request_id_stores_nothing_twice(server, workspace, events_api):
     original = full_batch("cust-r", request_id="req-replay-1")
     accepted = upload(events_api, original)
