@@ -20,7 +20,7 @@ import httpx
 
 from engine import analyst_sql
 from engine.errors import IdmeshError
-from engine.sql_formats import SERIALIZERS, render_text
+from engine.sql_formats import render_text, serialize
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -110,7 +110,7 @@ def _from_file(args: argparse.Namespace, wire_format: str) -> tuple[bytes, bool]
                       f"server instead (--url)") from None
     try:
         result = analyst_sql.run_query(connection, args.query, None, args.limit, args.timeout)
-        return SERIALIZERS[wire_format](result), result.truncated
+        return serialize(result, wire_format), result.truncated
     except IdmeshError as exc:
         raise _Failed(f"{exc.code}: {exc.message}") from None
     finally:

@@ -18,7 +18,7 @@ from api.body import body_schema, parse_body
 from api.responses import service_of
 from engine import analyst_sql
 from engine.analyst_sql import QueryResult
-from engine.sql_formats import MEDIA_TYPES, SERIALIZERS
+from engine.sql_formats import MEDIA_TYPES, serialize
 from engine.workspaces import Workspace
 
 router = APIRouter(tags=["Analyst SQL"])
@@ -68,7 +68,7 @@ def _run(connection: duckdb.DuckDBPyConnection, sql: str, workspace: Workspace |
          timeout_seconds: float, answer_format: str) -> tuple[bytes, QueryResult]:
     """In a worker thread: the query and its serialization (100,000 rows take a while to encode)."""
     result = analyst_sql.run_query(connection, sql, workspace, limit, timeout_seconds)
-    return SERIALIZERS[answer_format](result), result
+    return serialize(result, answer_format), result
 
 
 def _format_from_accept(accept: str) -> str:

@@ -67,6 +67,11 @@ _FILE_CONFIG = {"enable_external_access": False, "python_enable_replacements": F
                 "lock_configuration": True}
 
 
+# Types DuckDB hands to Arrow in its internal encoding (BIT, BIGNUM) or without their offset (TIMETZ): answered as
+# DuckDB's own text; `QueryResult.types` still names the original type.
+_AS_TEXT = frozenset({"BIT", "BIGNUM", "VARINT", "TIME WITH TIME ZONE"})
+
+
 class QueryTimeout(IdmeshError):
     """The query ran past its statement timeout and was interrupted; nothing it did remains."""
 
@@ -134,6 +139,10 @@ def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, lim
     try:
         relation = cursor.sql(statement)
         types = tuple(str(t) for t in relation.types)
+        if any(kind in _AS_TEXT for kind in types):
+            relation = relation.project(", ".join(
+                f"{_identifier(name)}::VARCHAR AS {_identifier(name)}" if kind in _AS_TEXT else _identifier(name)
+                for name, kind in zip(relation.columns, types)))
         # limit + 1 rows tell a complete answer from a cut one without reading the rest
         table = relation.limit(limit + 1).to_arrow_table()
     except duckdb.InterruptException:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from engine.analyst_sql import QueryResult
+from engine.errors import BadRequest
 
 FORMATS = ("json", "csv", "parquet")
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8",
@@ -85,8 +86,19 @@ def render_text(document: dict[str, Any], width: int | None = None) -> str:
 SERIALIZERS: dict[str, Callable[[QueryResult], bytes]] = {"json": to_json, "csv": to_csv, "parquet": to_parquet}
 
 
+def serialize(result: QueryResult, answer_format: str) -> bytes:
+    """The result in one of FORMATS; a value the format cannot hold is a 400 naming the format, not a crash."""
+    try:
+        return SERIALIZERS[answer_format](result)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"the answer cannot be written as {answer_format}: {exc}", field="format") from None
+
+
 def _python_values(column: pa.ChunkedArray) -> list[Any]:
-    values = column.to_pylist()
+    try:
+        values = column.to_pylist()
+    except (ValueError, OverflowError):  # a date or timestamp Python's datetime cannot hold
+        values = [_scalar_value(scalar) for scalar in column]
     if pa.types.is_map(column.type):
         # a map reads back as (key, value) pairs; an object is what a JSON reader expects when keys are text
         return [dict(v) if v is not None and all(isinstance(k, str) for k, _ in v) else v for v in values]
@@ -98,6 +110,50 @@ def _json_column(column: pa.ChunkedArray, kind: str) -> list[Any]:
     if kind == "JSON":  # DuckDB hands JSON over as its text; embed it as JSON, not as a string
         return [orjson.Fragment(v) if isinstance(v, str) and _valid_json(v) else v for v in values]
     return values
+
+
+_INFINITIES = {2**63 - 1: "infinity", -(2**63 - 1): "-infinity",   # DuckDB's timestamp infinities
+               2**31 - 1: "infinity", -(2**31 - 1): "-infinity"}   # and date ones
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _scalar_value(scalar: pa.Scalar) -> Any:
+    """One value, with ISO text for what Python's datetime cannot hold: infinities, nanoseconds, years outside
+    1..9999 (DuckDB's DATE reaches 5877642 BC)."""
+    try:
+        return scalar.as_py()
+    except (ValueError, OverflowError):
+        pass
+    raw, kind = getattr(scalar, "value", None), scalar.type
+    if not isinstance(raw, int):
+        return str(scalar)
+    if raw in _INFINITIES:
+        return _INFINITIES[raw]
+    if pa.types.is_date32(kind):
+        return _civil_date(raw)
+    if pa.types.is_timestamp(kind):
+        per_second = _PER_SECOND[kind.unit]
+        seconds, fraction = divmod(raw, per_second)
+        days, second_of_day = divmod(seconds, 86_400)
+        hours, rest = divmod(second_of_day, 3600)
+        text = f"{_civil_date(days)}T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+        if fraction:
+            text += f".{fraction:0{len(str(per_second)) - 1}d}"
+        return text + ("+00:00" if kind.tz else "")  # DuckDB exports TIMESTAMPTZ as UTC instants
+    return str(scalar)
+
+
+def _civil_date(days: int) -> str:
+    """Days since 1970-01-01 as an ISO 8601 date in the proleptic Gregorian calendar, any year (year 0 is 1 BC)."""
+    shifted = days + 719_468  # days since 0000-03-01
+    era, day_of_era = divmod(shifted, 146_097)
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    month_index = (5 * day_of_year + 2) // 153  # March = 0
+    day = day_of_year - (153 * month_index + 2) // 5 + 1
+    month = month_index + 3 if month_index < 10 else month_index - 9
+    year = year_of_era + era * 400 + (month <= 2)
+    return f"{'-' if year < 0 else ''}{abs(year):04d}-{month:02d}-{day:02d}"
 
 
 def _valid_json(text: str) -> bool:

@@ -14,6 +14,7 @@ LIMIT expression, a PIVOT source or a DESCRIBE is seen wherever the serializer p
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,14 @@ DENIED_FUNCTIONS = frozenset({
 _COMBINING_REFS = frozenset({"JOIN", "SUBQUERY", "EMPTY", "EXPRESSION_LIST", "PIVOT"})
 _KNOWN_REFS = _COMBINING_REFS | {"BASE_TABLE", "TABLE_FUNCTION", "SHOW_REF"}
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _fold(name: str) -> str:
+    """An identifier as DuckDB compares it: case-insensitive in ASCII only. Python's lower() also folds other
+    letters (KELVIN SIGN to k), which would let a CTE name match here that DuckDB binds to a real table."""
+    return name.translate(_ASCII_LOWER)
+
 
 @dataclass(frozen=True)
 class CheckedQuery:
@@ -55,7 +64,7 @@ def check_select(cursor: duckdb.DuckDBPyConnection, sql: Any, allowed_views: Col
         raise BadRequest(f"sql is longer than {MAX_SQL_CHARS} characters", field="sql")
     statement = _single_select(cursor, sql)
     tree = _parse_tree(cursor, sql)
-    walker = _TreeCheck({v.lower() for v in allowed_views}, {q.lower() for q in allowed_qualifiers})
+    walker = _TreeCheck({_fold(v) for v in allowed_views}, {_fold(q) for q in allowed_qualifiers})
     walker.walk(tree["statements"][0]["node"])
     if walker.refused:
         allowed = ", ".join(sorted(allowed_views)) or "none"
@@ -141,13 +150,13 @@ class _TreeCheck:
         # A CTE body sees the CTEs defined before it, never later ones: treating a later name as a CTE would
         # accept a reference DuckDB might bind to a real table of that name.
         for entry in node["cte_map"].get("map", []):
-            name = str(entry["key"]).lower()
+            name = _fold(str(entry["key"]))
             for key, value in entry["value"].items():
                 body_of = name if key == "query_node" else None
                 children.append((value, scope, body_of))
             scope = scope | {name}
         recursive = node["type"] == "RECURSIVE_CTE_NODE" and recursive_name is not None \
-            and str(node.get("cte_name", "")).lower() == recursive_name
+            and _fold(str(node.get("cte_name", ""))) == recursive_name
         for key, value in node.items():
             if key == "cte_map":
                 continue
@@ -157,7 +166,7 @@ class _TreeCheck:
 
     def _expression(self, node: dict[str, Any]) -> None:
         if node.get("class") == "FUNCTION":
-            name = str(node.get("function_name", "")).lower()
+            name = _fold(str(node.get("function_name", "")))
             if name in DENIED_FUNCTIONS:
                 self.refuse(f"function {name}() is not available to analyst SQL")
 
@@ -182,13 +191,13 @@ class _TreeCheck:
     def _base_table(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         name = str(node.get("table_name", ""))
         qualifiers = [str(q) for q in (node.get("catalog_name"), node.get("schema_name")) if q]
-        if not qualifiers and name.lower() in ctes:
+        if not qualifiers and _fold(name) in ctes:
             return
         shown = ".".join(qualifiers + [name])
-        if any(q.lower() not in self.allowed_qualifiers for q in qualifiers):
+        if any(_fold(q) not in self.allowed_qualifiers for q in qualifiers):
             self.refuse(f"qualified name {shown} (name the public views without a schema or catalog)")
-        elif name.lower() in self.allowed_views:
-            self.views.add(name.lower())
+        elif _fold(name) in self.allowed_views:
+            self.views.add(_fold(name))
         elif any(c in name for c in "./:\\"):
             self.refuse(f"reading the file or URL '{name}'")
         else:

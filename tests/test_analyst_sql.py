@@ -230,6 +230,8 @@ ESCAPES = [
     ("WITH a AS (SELECT * FROM workspaces), workspaces AS (SELECT 1) SELECT * FROM a", "workspaces"),
     ("SELECT * FROM (WITH workspaces AS (SELECT 1 AS x) SELECT * FROM workspaces), workspaces", "workspaces"),
     ("WITH RECURSIVE workspaces AS (SELECT * FROM workspaces) SELECT * FROM workspaces", "workspaces"),
+    # DuckDB folds identifier case in ASCII only: a CTE spelled with the KELVIN SIGN does not cover `workspaces`
+    ('WITH "wor\u212aspaces" AS (SELECT 1 AS x) SELECT * FROM workspaces', "workspaces is not a public view"),
 ]
 
 
@@ -365,6 +367,21 @@ def test_csv_and_parquet_answers(live: LiveServer, tenants: tuple[Tenant, Tenant
     assert table.column_names == ["mpid", "identity_type", "value"] and table.num_rows == 3
     assert table.column("mpid").to_pylist()[0] == min(alpha.mpids)
     assert table.schema.metadata[b"idmesh.truncated"] == b"true"
+
+
+def test_values_python_cannot_hold_are_answered_as_text(live: LiveServer):
+    query = """SELECT 'infinity'::TIMESTAMP AS inf, '-infinity'::DATE AS ninf, '294247-01-10'::DATE AS far,
+                      TIMESTAMP_NS '2024-01-01 00:00:00.123456789' AS ns, '101'::BIT AS bits, '12:00:00+02'::TIMETZ AS tz,
+                      123456789012345678901234567890123456789012::BIGNUM AS big"""
+    expected = ["infinity", "-infinity", "294247-01-10", "2024-01-01T00:00:00.123456789", "101", "12:00:00+02",
+                "123456789012345678901234567890123456789012"]
+    document = sql(live, query).json()
+    assert document["rows"] == [expected]
+    assert [c["type"] for c in document["columns"]][-3:] == ["BIT", "TIME WITH TIME ZONE", "BIGNUM"]
+    assert list(csv.reader(io.StringIO(sql(live, query, format="csv").text)))[1] == expected
+    # a value Parquet cannot hold is a clear 400, not a crash
+    response = sql(live, "SELECT MAP {} AS nothing", format="parquet")
+    assert response.status_code == 400 and response.json()["errors"][0]["field"] == "format"
 
 
 def test_accept_header_chooses_the_format(live: LiveServer):
