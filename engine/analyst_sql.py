@@ -118,13 +118,13 @@ def run_query(connection: duckdb.DuckDBPyConnection, sql: Any, workspace: Worksp
             for view in sorted(checked.views):
                 cursor.execute(_restricted_view(database, view, PUBLIC_VIEWS[view], workspace))
         cursor.execute("BEGIN TRANSACTION READ ONLY")
-        return _execute(cursor, checked.statement, limit, timeout_seconds)
+        return _execute(cursor, checked.statement, limit, timeout_seconds, restricted=workspace is not None)
     finally:
         cursor.close()  # drops the temp views and rolls back whatever is still open
 
 
-def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, limit: int, timeout_seconds: float
-             ) -> QueryResult:
+def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, limit: int, timeout_seconds: float,
+             restricted: bool) -> QueryResult:
     finished = threading.Event()
     fired = threading.Event()
 
@@ -136,13 +136,15 @@ def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, lim
     timer = threading.Timer(timeout_seconds, stop)
     timer.daemon = True
     timer.start()
+    reading = False
     try:
-        relation = cursor.sql(statement)
+        relation = cursor.sql(statement)  # binds only: no row is read yet
         types = tuple(str(t) for t in relation.types)
         if any(kind in _AS_TEXT for kind in types):
             relation = relation.project(", ".join(
                 f"{_identifier(name)}::VARCHAR AS {_identifier(name)}" if kind in _AS_TEXT else _identifier(name)
                 for name, kind in zip(relation.columns, types)))
+        reading = True
         # limit + 1 rows tell a complete answer from a cut one without reading the rest
         table = relation.limit(limit + 1).to_arrow_table()
     except duckdb.InterruptException:
@@ -151,6 +153,13 @@ def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, lim
                                field="timeout_seconds") from None
         raise BadRequest("the query was interrupted", field="sql") from None
     except duckdb.Error as exc:
+        if restricted and reading:
+            # DuckDB does not promise to apply the workspace filter before the caller's own expressions, and an
+            # error raised while reading (a failed cast, error()) can quote the row it failed on.
+            kind = str(exc).split(":")[0] if ":" in str(exc) else type(exc).__name__
+            raise BadRequest(f"the query failed while reading rows ({kind}); the details are withheld from "
+                             f"workspace credentials because they can quote rows outside the workspace",
+                             field="sql") from None
         raise BadRequest(f"the query failed: {str(exc).strip()}", field="sql") from None
     finally:
         finished.set()

@@ -25,10 +25,12 @@ from engine.errors import BadRequest
 
 MAX_SQL_CHARS = 100_000
 
-# Scalar functions that touch state beyond the rows read: sequences (nextval writes), server settings, the log,
-# and DuckDB's built-in macros whose bodies read catalog table functions (view definitions, constraints, sizes).
+# Scalar functions that reach beyond the rows read: sequences (nextval writes), server settings, the log, the
+# optimizer's column statistics (stats() reports min/max of the stored column, so through a view filtered to one
+# workspace it would show another workspace's values), and DuckDB's built-in macros whose bodies read catalog table
+# functions (view definitions, constraints, sizes).
 DENIED_FUNCTIONS = frozenset({
-    "nextval", "currval", "setval", "current_setting", "write_log",
+    "nextval", "currval", "setval", "current_setting", "write_log", "stats",
     "pg_get_viewdef", "pg_get_constraintdef", "format_type", "get_block_size",
 })
 
