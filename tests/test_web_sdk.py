@@ -321,6 +321,11 @@ class Harness:
     def current_user(self) -> dict:
         return self._call("() => window.idmesh.currentUser()")
 
+    def close(self) -> None:
+        """Closes the page's browser context and with it its keep-alive connections to idmesh: over TLS an
+        idle one holds `idmesh serve` on SIGTERM for uvloop's 30 s SSL shutdown timeout."""
+        self.page.context.close()
+
     def log_event(self, name: str, attributes: dict) -> None:
         self._call("([n, a]) => window.idmesh.logEvent(n, a)", [name, attributes])
 
@@ -566,6 +571,7 @@ def test_events_from_the_page_are_stored_for_the_current_mpid(open_harness, own_
     r = server.search(ws, {"customerid": customerid})
     assert r.status_code == 200 and str(r.json()["mpid"]) == known, f"POST /v1/search -> {r.status_code} {r.text}"
 
+    h.close()
     server.stop()
     _assert_page_data_stored(server, ws["id"], int(known), int(anon), tag)
 
