@@ -13,6 +13,7 @@ and body for anything else, 207 included. It never parses the body, so the per-b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -38,10 +39,12 @@ def workspace(server: LiveServer) -> WorkspaceCredentials:
 
 @pytest.fixture
 def events_api(server: LiveServer, workspace: WorkspaceCredentials) -> Iterator[mparticle.EventsApi]:
-    yield from _sdk_client(server, workspace.api_key, workspace.api_secret)
+    with sdk_client(server, workspace.api_key, workspace.api_secret) as api:
+        yield api
 
 
-def _sdk_client(server: LiveServer, key: str, secret: str) -> Iterator[mparticle.EventsApi]:
+@contextlib.contextmanager
+def sdk_client(server: LiveServer, key: str, secret: str) -> Iterator[mparticle.EventsApi]:
     config = mparticle.Configuration()
     config.host = server.base_url + "/v2"
     config.api_key = key
@@ -365,12 +368,9 @@ def test_rejections_reach_the_sdk_as_exceptions_and_store_nothing(server, worksp
     assert raised.value.status == 400
     assert "mpid" in raised.value.body
 
-    wrong_secret = _sdk_client(server, workspace.api_key, "not-the-secret")
-    try:
+    with sdk_client(server, workspace.api_key, "not-the-secret") as wrong_secret:
         with pytest.raises(ApiException) as refused:
-            next(wrong_secret).upload_events(small_batch("cust-x", "Refused"))
-        assert refused.value.status == 401
-    finally:
-        wrong_secret.close()
+            wrong_secret.upload_events(small_batch("cust-x", "Refused"))
+    assert refused.value.status == 401
     assert stored_counts(server, workspace) == {"events": 0, "batches": 0, "user_attributes": 0,
                                                 "consent_history": 0, "profiles": 0}
