@@ -1,19 +1,25 @@
 """Analyst SQL: one read-only query against the idmesh database, for the admin (every workspace) or for one
 workspace (only its rows). No HTTP here; api/sql_routes.py and api/sql_cli.py call `run_query`.
 
-Each layer below stops writes on its own, so a gap in one is not a hole:
-1. engine/sql_guard.py: DuckDB's parse tree shows exactly one SELECT reading only public views and its own CTEs.
-2. The query runs on its own connection (`cursor()`), inside `BEGIN TRANSACTION READ ONLY`, always rolled back.
-3. That connection has Python replacement scans off, so no name can read a Python object of this process (the
-   writer's pending Arrow batch, say), and the instance has extension auto-install and auto-load off.
-   In file mode (no server running) the database is also opened read-only with external access off and the
-   configuration locked. The server's own instance cannot have external access off: DuckDB then refuses the
-   Python replacement scan the group-commit writer inserts with (`INSERT ... SELECT * FROM pending`), and a locked
-   configuration would stop each analyst connection from turning its replacement scans off.
+Read-only by construction, in layers that do not rely on each other:
+1. engine/sql_guard.py: DuckDB's own parse tree shows exactly one SELECT reading only public views and its CTEs.
+2. The query runs on its own connection (`cursor()`) inside `BEGIN TRANSACTION READ ONLY`, always rolled back:
+   even a statement the check wrongly let through cannot write to the database.
+3. That connection has Python replacement scans off (no name can read a Python object of this process, such as
+   the writer's pending Arrow batch) and the instance has extension auto-install/auto-load off (a query naming an
+   extension function downloads nothing). In file mode (no server) the database is also opened read-only with
+   external access off and the configuration locked. The server's instance cannot have external access off:
+   DuckDB then refuses the Python replacement scan the group-commit writer inserts with
+   (`INSERT ... SELECT * FROM pending`); `disabled_filesystems` breaks checkpoints, and a locked configuration
+   would stop each analyst connection from turning its replacement scans off. So on the server, files, URLs and
+   other databases are kept out by layer 1 alone: statement kinds (COPY, ATTACH, ...) are refused twice, by the
+   parsed statement type and by `json_serialize_sql`, and reads (table functions, strings in FROM) by kind.
 
 A workspace caller's connection shadows each public view it reads with a TEMP view of the same name filtered to
 the workspace: temporary objects belong to that connection and win over the database's names, and qualified
-names are refused so the unfiltered view behind cannot be named.
+names are refused so the unfiltered view behind cannot be named. DuckDB may evaluate the caller's expressions
+before that filter, so what they could reveal about other rows is closed too: errors raised while reading are
+reported without their text, and stats() is refused (see sql_guard.DENIED_FUNCTIONS).
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ from engine.sql_guard import check_select
 if TYPE_CHECKING:
     from engine.workspaces import Workspace
 
-# The views analysts may query, each with the column that holds the workspace (or identity scope) of a row.
-# Register new public views here; a name only becomes readable once the view exists in the database and, for
-# workspace callers, has that column.
+# The views (and the one table) analysts may query, each with the column that holds the workspace (or identity scope)
+# of a row. Register new public names here; a name only becomes readable once it exists in the database's main
+# schema and, for workspace callers, has that column.
 PUBLIC_VIEWS: dict[str, str] = {
     "profiles": "scope",
     "identities": "scope",
@@ -46,6 +52,7 @@ PUBLIC_VIEWS: dict[str, str] = {
     "user_attributes": "workspace_id",
     "consent": "workspace_id",
     "consent_history": "workspace_id",
+    "alias_effects": "workspace_id",  # a table: what alias processing and unalias did
 }
 
 # What a restriction column is compared with for a workspace caller.
@@ -156,8 +163,7 @@ def _execute(cursor: duckdb.DuckDBPyConnection, statement: duckdb.Statement, lim
         if restricted and reading:
             # DuckDB does not promise to apply the workspace filter before the caller's own expressions, and an
             # error raised while reading (a failed cast, error()) can quote the row it failed on.
-            kind = str(exc).split(":")[0] if ":" in str(exc) else type(exc).__name__
-            raise BadRequest(f"the query failed while reading rows ({kind}); the details are withheld from "
+            raise BadRequest(f"the query failed while reading rows ({type(exc).__name__}); the details are withheld from "
                              f"workspace credentials because they can quote rows outside the workspace",
                              field="sql") from None
         raise BadRequest(f"the query failed: {str(exc).strip()}", field="sql") from None
@@ -183,14 +189,13 @@ def _harden(cursor: duckdb.DuckDBPyConnection) -> None:
 
 
 def _readable_views(cursor: duckdb.DuckDBPyConnection, database: str, restricted: bool) -> list[str]:
-    """The public views that exist in the database's main schema; for a restricted caller, only those that
-    have their restriction column (a view without it cannot be filtered, so it is not reachable)."""
+    """The registered names that exist in the database's main schema (temporary objects live in `temp`, never
+    here); for a restricted caller, only those that have their restriction column (one without it cannot be
+    filtered, so it is not reachable)."""
     rows = cursor.execute(
-        "SELECT v.view_name, list(c.column_name) FROM duckdb_views() AS v "
-        "JOIN duckdb_columns() AS c ON c.database_name = v.database_name AND c.schema_name = v.schema_name "
-        "AND c.table_name = v.view_name "
-        "WHERE v.database_name = ? AND v.schema_name = 'main' AND NOT v.temporary AND list_contains(?, v.view_name) "
-        "GROUP BY v.view_name", [database, list(PUBLIC_VIEWS)]).fetchall()
+        "SELECT table_name, list(column_name) FROM duckdb_columns() "
+        "WHERE database_name = ? AND schema_name = 'main' AND list_contains(?, table_name) GROUP BY table_name",
+        [database, list(PUBLIC_VIEWS)]).fetchall()
     if not restricted:
         return [name for name, _ in rows]
     return [name for name, columns in rows if PUBLIC_VIEWS[name] in columns and PUBLIC_VIEWS[name] in _WORKSPACE_VALUES]
