@@ -47,6 +47,11 @@ def sql_command(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.output:
         print("idmesh sql: parquet is binary; give --output FILE", file=sys.stderr)
         return 2
+    try:
+        args.query.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the locale could not decode arrive as lone surrogates
+        print("idmesh sql: the query is not valid UTF-8 text", file=sys.stderr)
+        return 1
     wire_format = "json" if args.format == "table" else args.format
     try:
         payload, truncated = _from_server(args, wire_format)

@@ -64,6 +64,10 @@ def check_select(cursor: duckdb.DuckDBPyConnection, sql: Any, allowed_views: Col
         raise BadRequest("sql must be a non-empty string holding one SELECT query", field="sql")
     if len(sql) > MAX_SQL_CHARS:
         raise BadRequest(f"sql is longer than {MAX_SQL_CHARS} characters", field="sql")
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can carry a lone surrogate (\ud800); DuckDB takes UTF-8 only
+        raise BadRequest("sql must be valid Unicode text", field="sql") from None
     statement = _single_select(cursor, sql)
     tree = _parse_tree(cursor, sql)
     walker = _TreeCheck({_fold(v) for v in allowed_views}, {_fold(q) for q in allowed_qualifiers})

@@ -90,6 +90,9 @@ def test_table_csv_and_errors(live: tuple[LiveServer, str, list[str]], capsys: p
     assert "read_text" in err and out == ""
     assert main(["sql", "UPDATE workspaces SET name = 'x'", "--url", server.base_url]) == 1
     assert "UPDATE statements are refused" in capsys.readouterr().err
+    # an argument holding bytes the locale cannot decode (\xff) arrives as a lone surrogate
+    assert main(["sql", "SELECT '\udcff'", "--url", server.base_url]) == 1
+    assert "not valid UTF-8" in capsys.readouterr().err
     monkeypatch.setenv("IDMESH_ADMIN_TOKEN", "wrong")
     assert main(["sql", "SELECT 1", "--url", server.base_url]) == 1
     assert "UNAUTHORIZED" in capsys.readouterr().err
