@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from api import events_routes, idsync_routes, platform_routes, profile_routes, sql_routes
+from api import events_routes, idsync_routes, import_routes, platform_routes, profile_routes, sql_routes
 from api.background import start_background_jobs
 from api.body import add_body_schemas
 from api.errors import install_error_handlers
@@ -39,6 +39,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.include_router(idsync_routes.router)
     app.include_router(platform_routes.router)
     app.include_router(events_routes.router)
+    app.include_router(import_routes.router)
     app.include_router(profile_routes.router)
     app.include_router(sql_routes.router)
 

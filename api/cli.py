@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from api.app import create_app
+from api.import_cli import add_import_command, import_command
 from api.sql_cli import add_sql_command, sql_command
 from engine.idsync import IdSyncService
 
@@ -32,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-cert", help="PEM certificate; serve HTTPS (the web SDK aliases over https)")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     add_sql_command(commands)
+    add_import_command(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "import":
+        return import_command(args)
     if args.command == "sql":
         return sql_command(args)
     return 2
