@@ -29,7 +29,7 @@ def ingestor_of(request: Request) -> EventIngestor:
     return request.app.state.ingestor
 
 
-async def _json_body(request: Request) -> tuple[Any, int]:
+async def read_json_body(request: Request) -> tuple[Any, int]:
     raw = await request.body()
     check_request_size(len(raw))
     try:
@@ -41,7 +41,7 @@ async def _json_body(request: Request) -> tuple[Any, int]:
 async def _single(request: Request, source: str, key_in_path: str | None = None) -> Response:
     workspace = await authenticate_workspace(request, service_of(request), key_in_path,
                                              allow_key_only=key_in_path is not None)
-    batch, size = await _json_body(request)
+    batch, size = await read_json_body(request)
     [outcome] = await ingestor_of(request).ingest(workspace, [batch], source, sizes=[size])
     if outcome.error is not None:
         raise outcome.error
@@ -65,12 +65,12 @@ async def bulk_events(request: Request) -> Response:
     """Up to 100 batches. Each is stored or rejected alone: 202 when none was rejected, 207 when some were,
     400 when all were; `results` reports every batch in order."""
     workspace = await authenticate_workspace(request, service_of(request), allow_key_only=False)
-    body, _ = await _json_body(request)
+    body, _ = await read_json_body(request)
     outcomes = await ingestor_of(request).ingest(workspace, check_bulk_count(body), "s2s")
-    return _bulk_answer(outcomes)
+    return bulk_answer(outcomes)
 
 
-def _bulk_answer(outcomes: list[BatchOutcome]) -> Response:
+def bulk_answer(outcomes: list[BatchOutcome]) -> Response:
     results = [o.as_json() for o in outcomes]
     rejected = [o for o in outcomes if o.status == "rejected"]
     if not rejected:

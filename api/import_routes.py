@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from api.auth import check_admin
 from api.body import body_schema
-from api.events_routes import BulkBody, _bulk_answer, _json_body, ingestor_of
+from api.events_routes import BulkBody, bulk_answer, ingestor_of, read_json_body
 from api.responses import service_of
 from engine.csv_import import SOURCE
 from engine.errors import Unauthorized
@@ -27,6 +27,6 @@ async def import_events(request: Request, workspace_id: str) -> Response:
     if not check_admin(request, request.app.state.admin_token):
         raise Unauthorized("this endpoint needs the admin bearer token")
     workspace = service_of(request).workspaces.get(workspace_id)
-    body, _ = await _json_body(request)
+    body, _ = await read_json_body(request)
     outcomes = await ingestor_of(request).ingest(workspace, check_bulk_count(body), SOURCE)
-    return _bulk_answer(outcomes)
+    return bulk_answer(outcomes)
