@@ -1,4 +1,4 @@
-"""The `idmesh` command line: `idmesh serve`."""
+"""The `idmesh` command line: `idmesh serve`, `idmesh sql`, `idmesh import`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
-from api.app import create_app
 from api.import_cli import add_import_command, import_command
 from api.sql_cli import add_sql_command, sql_command
 from engine.idsync import IdSyncService
@@ -63,10 +60,16 @@ def serve_command(args: argparse.Namespace) -> int:
     for workspace in created:
         print(f"workspace {workspace['name']!r}: id={workspace['id']} api_key={workspace['api_key']} "
               f"api_secret={workspace['api_secret']}", flush=True)
+    # imported here: FastAPI and uvicorn cost a second of start-up that `idmesh sql` and `idmesh import` never need
+    import uvicorn
+
+    from api.app import create_app
+
     app = create_app(service, admin_token)
     try:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
-                    access_log=False, log_level="warning", loop="uvloop", http="httptools")
+                    access_log=False, log_level="warning", loop="uvloop", http="httptools",
+                    timeout_graceful_shutdown=5)  # an idle TLS keep-alive otherwise holds SIGTERM for 30 s
     finally:
         service.close()
     return 0
