@@ -70,6 +70,14 @@ class LiveServer:
         self.stop()
         self.start()
 
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        """Rows of a query on the server's own database (a cursor is its own DuckDB connection)."""
+        cursor = self.service.connection.cursor()
+        try:
+            return cursor.execute(sql, list(params)).fetchall()
+        finally:
+            cursor.close()
+
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=20)
 

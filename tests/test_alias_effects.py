@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from live_server import IdSyncClient, LiveServer
-
-
-def rows(server: LiveServer, sql: str, *params: Any) -> list[tuple]:
-    cursor = server.service.connection.cursor()
-    try:
-        return cursor.execute(sql, list(params)).fetchall()
-    finally:
-        cursor.close()
 
 
 def send_events(client: IdSyncClient, mpid: str, names_and_times: list[tuple[str, int]]) -> None:
@@ -24,12 +15,12 @@ def send_events(client: IdSyncClient, mpid: str, names_and_times: list[tuple[str
 
 
 def event_names(server: LiveServer, mpid: str) -> list[tuple]:
-    return rows(server, "SELECT event_name, copied_from_mpid FROM events WHERE mpid = ? ORDER BY timestamp_ms, event_name",
+    return server.query("SELECT event_name, copied_from_mpid FROM events WHERE mpid = ? ORDER BY timestamp_ms, event_name",
                 int(mpid))
 
 
 def first_seen(server: LiveServer, mpid: str) -> int:
-    return rows(server, "SELECT first_seen_ms FROM profiles WHERE mpid = ?", int(mpid))[0][0]
+    return server.query("SELECT first_seen_ms FROM profiles WHERE mpid = ?", int(mpid))[0][0]
 
 
 def test_alias_copies_events_in_window_and_unalias_removes_exactly_the_copies(server: LiveServer, idsync):
@@ -52,7 +43,7 @@ def test_alias_copies_events_in_window_and_unalias_removes_exactly_the_copies(se
                                           ("purchased", None)]
     assert first_seen(server, known) == first_seen(server, anonymous) < destination_first_seen
     assert len(event_names(server, anonymous)) == 4  # the source keeps its own events
-    assert rows(server, "SELECT action, copied_events FROM alias_effects") == [("processed", 2)]
+    assert server.query("SELECT action, copied_events FROM alias_effects") == [("processed", 2)]
 
     # events that arrive after processing are the destination's own and survive unalias
     send_events(client, known, [("returned", now)])
@@ -60,8 +51,8 @@ def test_alias_copies_events_in_window_and_unalias_removes_exactly_the_copies(se
     assert undone.status_code == 200, undone.text
     assert event_names(server, known) == [("purchased", None), ("returned", None)]
     assert first_seen(server, known) == destination_first_seen
-    assert rows(server, "SELECT status FROM aliases") == [("unaliased",)]
-    assert rows(server, "SELECT action, copied_events FROM alias_effects ORDER BY at_ms, action") == [
+    assert server.query("SELECT status FROM aliases") == [("unaliased",)]
+    assert server.query("SELECT action, copied_events FROM alias_effects ORDER BY at_ms, action") == [
         ("processed", 2), ("unaliased", 2)]
     again = client.call("/v1/unalias", {"alias_id": alias["alias_id"]})
     assert again.status_code == 404
@@ -87,5 +78,5 @@ def test_unalias_by_pair_and_its_errors(server: LiveServer, idsync):
     assert client.call("/v1/unalias", {"data": {"source_mpid": "x"}}).status_code == 400
     cancelled = client.call("/v1/unalias", pair)
     assert cancelled.status_code == 200 and cancelled.json()["unaliased"][0]["source_mpid"] == source
-    assert rows(server, "SELECT count(*) FROM events WHERE mpid = ?", int(destination)) == [(0,)]
+    assert server.query("SELECT count(*) FROM events WHERE mpid = ?", int(destination)) == [(0,)]
     assert server.service.aliases.due(int(time.time() * 1000) + 7_200_000) == []  # never processed later

@@ -20,16 +20,8 @@ def python_sdk_batch() -> dict[str, Any]:
     return json.loads((FIXTURES / "python-sdk-0.16.1" / "01-events.json").read_text())["body"]
 
 
-def rows(server: LiveServer, sql: str, *params: Any) -> list[tuple]:
-    cursor = server.service.connection.cursor()
-    try:
-        return cursor.execute(sql, list(params)).fetchall()
-    finally:
-        cursor.close()
-
-
 def counts(server: LiveServer) -> tuple[int, ...]:
-    return tuple(rows(server, f"SELECT count(*) FROM {view}")[0][0]
+    return tuple(server.query(f"SELECT count(*) FROM {view}")[0][0]
                  for view in ("events", "batches", "user_attributes", "consent_history", "profiles"))
 
 
@@ -43,19 +35,19 @@ def test_python_sdk_batch_is_stored_with_every_field(server: LiveServer, idsync)
     assert response.status_code == 202, response.text
     mpid = int(response.json()["mpid"])
     assert client.identify({"customerid": "cust-123"})["mpid"] == str(mpid)
-    events = rows(server, """SELECT event_type, event_name, custom_event_type, timestamp_ms, custom_attributes->>'sku',
+    events = server.query("""SELECT event_type, event_name, custom_event_type, timestamp_ms, custom_attributes->>'sku',
                                     data->'product_action'->'products'->0->>'name'
                              FROM events WHERE mpid = ? ORDER BY event_index""", mpid)
     assert events == [("custom_event", "Added To Cart", "transaction", 1795330000000, "s1", None),
                       ("screen_view", "Home", None, 1795330001000, None, None),
                       ("commerce_event", None, None, 1795330002000, None, "Shoe")]
-    attributes = dict(rows(server, "SELECT name, value FROM user_attributes WHERE mpid = ?", mpid))
+    attributes = dict(server.query("SELECT name, value FROM user_attributes WHERE mpid = ?", mpid))
     assert {k: json.loads(v) for k, v in attributes.items()} == {
         "tier": "gold", "$city": "Lisbon", "favourite_colours": ["red", "blue"]}
-    consent = rows(server, "SELECT regulation, purpose, consented, document FROM consent WHERE mpid = ? ORDER BY 1",
+    consent = server.query("SELECT regulation, purpose, consented, document FROM consent WHERE mpid = ? ORDER BY 1",
                    mpid)
     assert consent == [("ccpa", "data_sale_opt_out", False, "ccpa_v1"), ("gdpr", "marketing", True, "marketing_v1")]
-    identities = dict(rows(server, "SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid))
+    identities = dict(server.query("SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid))
     assert identities["other2"] == "loyalty-9" and identities["ios_idfv"].startswith("07d2ff8e")
     assert "ios_idfa" not in identities  # the all-zero IDFA is a blocked value
 
@@ -72,9 +64,9 @@ def test_every_event_type_is_accepted_and_unknown_fields_are_kept(server: LiveSe
         events.append({"event_type": event_type, "data": data})
     batch = {"events": events, "user_identities": {"customer_id": "all-types"}, "unknown_envelope_field": [1, 2]}
     assert send(client, batch).status_code == 202
-    stored = rows(server, "SELECT event_type, data->'vendor_field'->>'kept' FROM events ORDER BY event_index")
+    stored = server.query("SELECT event_type, data->'vendor_field'->>'kept' FROM events ORDER BY event_index")
     assert stored == [(t, t) for t in sorted(EVENT_TYPES)]
-    envelope = rows(server, "SELECT envelope->'unknown_envelope_field' FROM batches")[0][0]
+    envelope = server.query("SELECT envelope->'unknown_envelope_field' FROM batches")[0][0]
     assert json.loads(envelope) == [1, 2]
 
 
@@ -123,7 +115,7 @@ def attribute_batch(customer: str, timestamp: int, attributes: dict[str, Any] | 
 
 
 def current_attributes(server: LiveServer) -> dict[str, Any]:
-    return {name: json.loads(value) for name, value in rows(server, "SELECT name, value FROM user_attributes")}
+    return {name: json.loads(value) for name, value in server.query("SELECT name, value FROM user_attributes")}
 
 
 def test_user_attributes_latest_timestamp_wins_in_journal_and_after_folding(server: LiveServer, idsync):
@@ -153,9 +145,9 @@ def test_consent_history_keeps_changes_once_and_current_state_is_latest(server: 
         assert send(client, body).status_code == 202
     server.restart()
     assert send(client, consent(False, 200)).status_code == 202  # the same statement again, now after a fold
-    history = rows(server, "SELECT consented, timestamp_ms FROM consent_history ORDER BY timestamp_ms")
+    history = server.query("SELECT consented, timestamp_ms FROM consent_history ORDER BY timestamp_ms")
     assert history == [(True, 100), (True, 150), (False, 200)]
-    assert rows(server, "SELECT consented FROM consent") == [(False,)]
+    assert server.query("SELECT consented FROM consent") == [(False,)]
 
 
 @pytest.mark.parametrize(("mutate", "field"), [
@@ -203,7 +195,7 @@ def test_size_and_count_limits(server: LiveServer, idsync):
     assert [r["status"] for r in mixed.json()["results"]] == ["rejected", "accepted"]
     assert mixed.json()["results"][0]["error"]["code"] == "PAYLOAD_TOO_LARGE"
     assert current_attributes(server) == {"ok": 1}
-    assert rows(server, "SELECT count(*) FROM events")[0][0] == 0
+    assert server.query("SELECT count(*) FROM events")[0][0] == 0
 
 
 def test_bulk_reports_each_batch_and_stores_only_the_good_ones(server: LiveServer, idsync):
@@ -242,8 +234,8 @@ def test_web_sdk_upload_path_with_the_captured_batch(server: LiveServer, idsync)
                                 headers={"content-type": "text/plain;charset=UTF-8"})
         assert response.status_code == 202, response.text
         assert browser.post("/v3/JS/not-a-key/events", content=json.dumps(body)).status_code == 401
-    stored = rows(server, "SELECT mpid, event_type, event_name, session_uuid FROM events")
+    stored = server.query("SELECT mpid, event_type, event_name, session_uuid FROM events")
     event = captured["body"]["events"][0]
     assert stored == [(int(mpid), event["event_type"], event["data"]["event_name"], event["data"]["session_uuid"])]
-    assert rows(server, "SELECT source, source_request_id FROM batches") == [
+    assert server.query("SELECT source, source_request_id FROM batches") == [
         ("web", captured["body"]["source_request_id"])]

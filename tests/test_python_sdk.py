@@ -72,20 +72,12 @@ def bulk_upload(api: mparticle.EventsApi, batches: list[mparticle.Batch]) -> lis
     return json.loads(api.api_client.last_response.data)["results"]
 
 
-def rows(server: LiveServer, sql: str, *params: Any) -> list[tuple]:
-    cursor = server.service.connection.cursor()
-    try:
-        return cursor.execute(sql, list(params)).fetchall()
-    finally:
-        cursor.close()
-
-
 def stored_counts(server: LiveServer, workspace: WorkspaceCredentials) -> dict[str, int]:
     """Row counts of every view an accepted batch writes to, for 'nothing stored twice' checks."""
     views = ("events", "batches", "user_attributes", "consent_history")
-    counts = {view: rows(server, f"SELECT count(*) FROM {view} WHERE workspace_id = ?", workspace.id)[0][0]
+    counts = {view: server.query(f"SELECT count(*) FROM {view} WHERE workspace_id = ?", workspace.id)[0][0]
               for view in views}
-    counts["profiles"] = rows(server, "SELECT count(*) FROM profiles WHERE scope = ?", workspace.id)[0][0]
+    counts["profiles"] = server.query("SELECT count(*) FROM profiles WHERE scope = ?", workspace.id)[0][0]
     return counts
 
 
@@ -175,7 +167,7 @@ def test_single_batch_from_the_sdk_is_stored_field_for_field(server, workspace, 
     assert int(first["mpid"]) == mpid  # same customer id, same profile
     assert identify(server, workspace, "cust-1") == mpid
 
-    events = rows(server, """SELECT event_type, event_name, custom_event_type, timestamp_ms, custom_attributes,
+    events = server.query("""SELECT event_type, event_name, custom_event_type, timestamp_ms, custom_attributes,
                                     environment, data->'product_action'
                              FROM events WHERE mpid = ? AND batch_id = ? ORDER BY event_index""",
                   mpid, outcome["batch_id"])
@@ -190,17 +182,17 @@ def test_single_batch_from_the_sdk_is_stored_field_for_field(server, workspace, 
     assert json.loads(events[2][6]) == {"action": "purchase", "transaction_id": "t-1", "total_amount": 118.0,
                                         "products": [{"id": "sku-1", "name": "Shoe", "price": 59.0, "quantity": 2}]}
 
-    batch_row = rows(server, """SELECT source, source_request_id, event_count, environment,
+    batch_row = server.query("""SELECT source, source_request_id, event_count, environment,
                                        envelope->'device_info'->>'ios_idfv'
                                 FROM batches WHERE batch_id = ?""", outcome["batch_id"])
     assert batch_row == [("s2s", "req-full-1", 3, "development", IDFV)]
 
     # The later batch wins `tier`, adds a list and a `$` reserved name, and deletes `old_attr`.
     attributes = {name: json.loads(value) for name, value in
-                  rows(server, "SELECT name, value FROM user_attributes WHERE mpid = ?", mpid)}
+                  server.query("SELECT name, value FROM user_attributes WHERE mpid = ?", mpid)}
     assert attributes == {"tier": "gold", "$city": "Lisbon", "favourite_colours": ["red", "blue"]}
 
-    consent = rows(server, """SELECT regulation, purpose, consented, document, timestamp_ms, location, hardware_id
+    consent = server.query("""SELECT regulation, purpose, consented, document, timestamp_ms, location, hardware_id
                               FROM consent WHERE mpid = ? ORDER BY regulation""", mpid)
     assert consent == [
         ("ccpa", "data_sale_opt_out", False, "ccpa_v1", CONSENT_MS + 1, None, None),
@@ -208,7 +200,7 @@ def test_single_batch_from_the_sdk_is_stored_field_for_field(server, workspace, 
     ]
 
     # Identities came from user_identities and device_info; the all-zero IDFA is not an identity.
-    stored = dict(rows(server, "SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid))
+    stored = dict(server.query("SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid))
     assert stored == {"customerid": "cust-1", "email": "cust-1@example.com", "other2": "loyalty-cust-1",
                       "ios_idfv": IDFV}
     assert stored_counts(server, workspace)["profiles"] == 1
@@ -227,17 +219,17 @@ def test_bulk_upload_makes_one_profile_per_customer_id(server, workspace, events
     assert mpids[0] == mpids[2] and len({mpids[0], mpids[1], mpids[3]}) == 3
     for customer_id, mpid in (("cust-a", mpids[0]), ("cust-b", mpids[1]), ("cust-c", mpids[3])):
         assert identify(server, workspace, customer_id) == mpid
-    profiles_per_customer = rows(server, """SELECT value, count(DISTINCT mpid) FROM identities
+    profiles_per_customer = server.query("""SELECT value, count(DISTINCT mpid) FROM identities
                                             WHERE scope = ? AND identity_type = 'customerid' GROUP BY value
                                             ORDER BY value""", workspace.id)
     assert profiles_per_customer == [("cust-a", 1), ("cust-b", 1), ("cust-c", 1)]
     assert stored_counts(server, workspace)["profiles"] == 3
 
-    events = rows(server, """SELECT mpid, event_name, custom_attributes->>'customer', event_type
+    events = server.query("""SELECT mpid, event_name, custom_attributes->>'customer', event_type
                              FROM events WHERE workspace_id = ? ORDER BY event_name""", workspace.id)
     assert events == [(mpids[0], "A1", "cust-a", "custom_event"), (mpids[0], "A2", "cust-a", "custom_event"),
                       (mpids[1], "B1", "cust-b", "custom_event"), (mpids[3], "C1", "cust-c", "custom_event")]
-    assert rows(server, "SELECT DISTINCT source, environment FROM batches WHERE workspace_id = ?",
+    assert server.query("SELECT DISTINCT source, environment FROM batches WHERE workspace_id = ?",
                 workspace.id) == [("s2s", "production")]
 
 
@@ -249,9 +241,9 @@ def test_batch_naming_a_known_mpid_lands_on_that_profile(server, workspace, even
     outcome = upload(events_api, by_mpid)
 
     assert outcome["status"] == "accepted" and int(outcome["mpid"]) == mpid
-    assert rows(server, "SELECT event_type, event_name FROM events WHERE mpid = ? ORDER BY received_ms, event_index",
+    assert server.query("SELECT event_type, event_name FROM events WHERE mpid = ? ORDER BY received_ms, event_index",
                 mpid) == [("custom_event", "First"), ("screen_view", "Account")]
-    assert rows(server, "SELECT value->>'$' FROM user_attributes WHERE mpid = ? AND name = 'plan'", mpid) == [("pro",)]
+    assert server.query("SELECT value->>'$' FROM user_attributes WHERE mpid = ? AND name = 'plan'", mpid) == [("pro",)]
     assert stored_counts(server, workspace)["profiles"] == 1
 
 
@@ -295,19 +287,19 @@ def test_every_event_type_and_envelope_field_the_sdk_builds_is_accepted(server, 
 
     mpid = int(outcome["mpid"])
     # The SDK itself labels CrashReportEvent as commerce_event; idmesh stores what it was sent.
-    assert rows(server, "SELECT event_type FROM events WHERE mpid = ? ORDER BY event_index", mpid) == [
+    assert server.query("SELECT event_type FROM events WHERE mpid = ? ORDER BY event_index", mpid) == [
         (t,) for t in ("custom_event", "first_run", "session_start", "session_end", "application_state_transition",
                        "screen_view", "push_registration", "profile", "opt_out", "breadcrumb", "commerce_event",
                        "push_message", "network_performance", "commerce_event", "user_attribute_change")]
-    assert rows(server, """SELECT event_name, custom_event_type, session_id, session_uuid, event_id, source_message_id,
+    assert server.query("""SELECT event_name, custom_event_type, session_id, session_uuid, event_id, source_message_id,
                                   data->'custom_flags'->>'flag', data->'location'->>'latitude'
                            FROM events WHERE mpid = ? AND event_index = 0""", mpid) == [
         ("Tapped", "navigation", 42, "S-1", "7", "m-1", "on", "38.7")]
-    envelope = json.loads(rows(server, "SELECT envelope FROM batches WHERE mpid = ?", mpid)[0][0])
+    envelope = json.loads(server.query("SELECT envelope FROM batches WHERE mpid = ?", mpid)[0][0])
     assert envelope["ip"] == "203.0.113.9" and envelope["application_info"]["application_name"] == "shop"
     assert envelope["context"]["data_plan"] == {"plan_id": "shop_plan", "plan_version": 2}
     assert envelope["integration_attributes"] == {"160": {"braze_id": "b-1"}}
-    assert dict(rows(server, "SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid)) == {
+    assert dict(server.query("SELECT identity_type, raw_value FROM identities WHERE mpid = ?", mpid)) == {
         "customerid": "cust-e", "other2": "loyalty-cust-e", "device_application_stamp": "device-stamp-1"}
 
 
@@ -335,7 +327,7 @@ def test_replayed_source_request_id_stores_nothing_twice(server, workspace, even
     server.restart()
     assert upload(events_api, full_batch("cust-r", request_id="req-replay-1"))["status"] == "duplicate"
     assert stored_counts(server, workspace) == after_bulk
-    assert rows(server, "SELECT count(*) FROM events WHERE event_name = 'Fresh'") == [(1,)]
+    assert server.query("SELECT count(*) FROM events WHERE event_name = 'Fresh'") == [(1,)]
 
 
 def test_partial_bulk_is_an_sdk_error_and_a_whole_retry_is_safe(server, workspace, events_api):
