@@ -59,7 +59,8 @@ def parse_batch(batch: Any) -> ParsedBatch:
         raise BadRequest("a batch must be a JSON object", field="batch")
     events = _optional(batch, "events", list, "a list of events") or []
     for index, event in enumerate(events):
-        _check_event(event, f"events[{index}]")
+        if not _plainly_valid(event):
+            _check_event(event, f"events[{index}]")
     attributes = _user_attributes(batch)
     deleted = _deleted_attributes(batch, attributes)
     return ParsedBatch(
@@ -83,6 +84,47 @@ def _optional(container: Mapping[str, Any], key: str, kind: type | tuple[type, .
     if value is not None and not isinstance(value, kind):
         raise BadRequest(f"{path}{key} must be {what}", field=f"{path}{key}")
     return value
+
+
+def _plainly_valid(event: Any) -> bool:
+    """True only for event shapes `_check_event` accepts, decided without building its field paths: ingest
+    checks every event, and those paths plus the generic checks took about 40% of parse_batch's time (3.2 to
+    1.7 µs per event on bench/ingest.py's batches, with the lazy device_info paths below). Anything unusual
+    (another Mapping type, a float timestamp) answers False and goes through `_check_event`, which accepts it
+    or names the problem."""
+    if type(event) is not dict:
+        return False
+    event_type = event.get("event_type")
+    data = event.get("data")
+    if type(event_type) is not str or event_type not in EVENT_TYPES or type(data) is not dict:
+        return False
+    timestamp = data.get("timestamp_unixtime_ms")
+    if timestamp is not None and (type(timestamp) is not int or timestamp < 0):
+        return False
+    attributes = data.get("custom_attributes")
+    if attributes is not None and type(attributes) is not dict:
+        return False
+    if event_type == "custom_event":
+        kind = data.get("custom_event_type")
+        return _plain_text(data.get("event_name")) and (kind is None or type(kind) is str)
+    if event_type == "screen_view":
+        return _plain_text(data.get("screen_name"))
+    if event_type == "commerce_event":
+        return _plain_product_action(data.get("product_action"))
+    return True
+
+
+def _plain_text(value: Any) -> bool:
+    return type(value) is str and not value.isspace() and value != ""  # what `_required_text` accepts
+
+
+def _plain_product_action(action: Any) -> bool:
+    if action is None:
+        return True
+    if type(action) is not dict or not _plain_text(action.get("action")):
+        return False
+    products = action.get("products")
+    return products is None or (type(products) is list and all(type(p) is dict for p in products))
 
 
 def _check_event(event: Any, path: str) -> None:
@@ -172,7 +214,9 @@ def _identities(batch: Mapping[str, Any]) -> dict[str, str]:
         _add_identity(found, wire, value, f"user_identities.{key}")
     device_info = _optional(batch, "device_info", Mapping, "an object") or {}
     for key, wire in DEVICE_IDENTITY_KEYS.items():
-        _add_identity(found, wire, device_info.get(key), f"device_info.{key}")
+        value = device_info.get(key)
+        if value is not None:  # most of the nine are absent: no field path for them
+            _add_identity(found, wire, value, f"device_info.{key}")
     _add_identity(found, "device_application_stamp", batch.get("mp_deviceid"), "mp_deviceid")
     return found
 

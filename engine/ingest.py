@@ -86,11 +86,12 @@ class EventIngestor:
         outcomes = []
         for index, raw in enumerate(batches):
             try:
-                size = sizes[index] if sizes else len(orjson.dumps(raw))
+                encoded = None if sizes else _encode(raw)
+                size = sizes[index] if sizes else encoded.size
                 if size > MAX_BATCH_BYTES:
                     raise PayloadTooLarge(f"the batch is {size} bytes; at most {MAX_BATCH_BYTES} are accepted",
                                           field="batch")
-                outcome, rows = self._plan(workspace, index, raw, source, received)
+                outcome, rows = self._plan(workspace, index, raw, source, received, encoded)
             except IdmeshError as exc:
                 outcomes.append(BatchOutcome(index, "rejected", error=exc))
                 continue
@@ -103,17 +104,18 @@ class EventIngestor:
             raise
         return outcomes
 
-    def _plan(self, workspace: Workspace, index: int, raw: Any, source: str, received: int
-              ) -> tuple[BatchOutcome, WriteBatch]:
+    def _plan(self, workspace: Workspace, index: int, raw: Any, source: str, received: int,
+              encoded: EncodedBatch | None) -> tuple[BatchOutcome, WriteBatch]:
         """All graph and replay-key changes happen here, synchronously, after every check has passed."""
         batch = parse_batch(raw)
         keys = self._replay_keys(workspace, batch)
         if any(key in self._seen for key in keys):
             return BatchOutcome(index, "duplicate", batch.batch_id), WriteBatch()
+        encoded = encoded or _encode(raw)
         rows, mpid = self._resolve_profile(workspace, batch, received)
         batch_id = batch.batch_id or "b_" + secrets.token_hex(8)
         self._seen.update(keys)
-        self._add_rows(rows, workspace, batch, mpid, batch_id, source, received)
+        self._add_rows(rows, workspace, batch, encoded, mpid, batch_id, source, received)
         return BatchOutcome(index, "accepted", batch_id, mpid), rows
 
     def _replay_keys(self, workspace: Workspace, batch: ParsedBatch) -> list[int]:
@@ -141,19 +143,49 @@ class EventIngestor:
                                                  identities_path="user_identities")
         return rows, answer.mpid
 
-    def _add_rows(self, rows: WriteBatch, workspace: Workspace, batch: ParsedBatch, mpid: int, batch_id: str,
-                  source: str, received: int) -> None:
+    def _add_rows(self, rows: WriteBatch, workspace: Workspace, batch: ParsedBatch, encoded: EncodedBatch,
+                  mpid: int, batch_id: str, source: str, received: int) -> None:
         batch_time = batch.timestamp_ms if batch.timestamp_ms is not None else received
+        envelope = batch.envelope if encoded.envelope is None else encoded.envelope
         rows.add(event_journal.BATCH, (workspace.id, batch_id, batch.source_request_id, mpid, batch_time, received,
-                                       batch.environment, source, len(batch.events), batch.envelope))
+                                       batch.environment, source, len(batch.events), envelope))
         if batch.events:
+            events = batch.events if encoded.events is None else encoded.events
             rows.add(event_journal.EVENTS, (workspace.id, mpid, batch_id, received, batch_time, batch.environment,
-                                            batch.events))
+                                            events))
         if batch.user_attributes or batch.deleted_user_attributes:
             rows.add(event_journal.ATTRIBUTES, (workspace.id, mpid, batch_time, batch.user_attributes,
                                                 batch.deleted_user_attributes))
         if batch.consent_state:
             rows.add(event_journal.CONSENT, (workspace.id, mpid, batch_id, received, batch.consent_state))
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch serialized once, as its envelope and its events array. Their lengths give the batch size the
+    limit applies to, and the journal rows embed them as they are: the group-commit writer, the thread every
+    request waits for, would otherwise serialize the same events again while holding the GIL."""
+
+    size: int
+    envelope: orjson.Fragment | None   # None: not a plain JSON object; the rows fall back to the parsed values
+    events: orjson.Fragment | None
+
+
+_EVENTS_KEY = len(b'"events":')
+
+
+def _encode(raw: Any) -> EncodedBatch:
+    """`size` is exactly len(orjson.dumps(raw)): orjson writes no whitespace, so the whole batch is the
+    envelope, `"events":`, the array, and a comma when the envelope has other members."""
+    if type(raw) is not dict:
+        return EncodedBatch(len(orjson.dumps(raw)), None, None)
+    if "events" not in raw:
+        envelope = orjson.dumps(raw)
+        return EncodedBatch(len(envelope), orjson.Fragment(envelope), None)
+    envelope = orjson.dumps({k: v for k, v in raw.items() if k != "events"})
+    events = orjson.dumps(raw["events"])
+    size = len(envelope) + _EVENTS_KEY + len(events) + (len(raw) > 1)
+    return EncodedBatch(size, orjson.Fragment(envelope), orjson.Fragment(events))
 
 
 def check_request_size(size: int) -> None:
