@@ -28,3 +28,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check api engine strategies tests bench
+
+.PHONY: bench-ingest
+bench-ingest: install
+	$(BIN)/python bench/ingest.py
