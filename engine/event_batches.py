@@ -52,6 +52,18 @@ class ParsedBatch:
     deleted_user_attributes: list[str]
     consent_state: dict[str, Any] | None
     envelope: dict[str, Any]            # the batch without its events, for the batches table
+    attribute_changes: list[AttributeChange]
+
+
+@dataclass(frozen=True)
+class AttributeChange:
+    """A `user_attribute_change` event: how the web SDK reports a removed attribute (it never sends
+    `deleted_user_attributes`), so it changes the profile like the envelope's attributes do."""
+
+    name: str
+    value: Any
+    deleted: bool
+    timestamp_ms: int | None
 
 
 def parse_batch(batch: Any) -> ParsedBatch:
@@ -75,7 +87,22 @@ def parse_batch(batch: Any) -> ParsedBatch:
         deleted_user_attributes=deleted,
         consent_state=_consent(batch.get("consent_state")),
         envelope={k: v for k, v in batch.items() if k != "events"},
+        attribute_changes=[_attribute_change(event, f"events[{index}].data") for index, event in enumerate(events)
+                           if event.get("event_type") == "user_attribute_change" and event.get("data") is not None],
     )
+
+
+def _attribute_change(event: Mapping[str, Any], path: str) -> AttributeChange:
+    data = event["data"]
+    name = data.get("user_attribute_name")
+    if not isinstance(name, str) or not name or len(name) > MAX_ATTRIBUTE_NAME:
+        raise BadRequest(f"{path}.user_attribute_name must be an attribute name", field=f"{path}.user_attribute_name")
+    deleted = data.get("deleted") is True
+    value = data.get("new")
+    if not deleted:
+        _check_attribute_value(value, f"{path}.new")
+    timestamp = _timestamp(data.get("timestamp_unixtime_ms"), f"{path}.timestamp_unixtime_ms")
+    return AttributeChange(name, value, deleted, timestamp)
 
 
 def _optional(container: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str,
@@ -131,7 +158,7 @@ def _check_event(event: Any, path: str) -> None:
     if not isinstance(event, Mapping):
         raise BadRequest(f"{path} must be an object with event_type and data", field=path)
     event_type = event.get("event_type")
-    if event_type not in EVENT_TYPES:
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         raise BadRequest(f"{path}.event_type {event_type!r} is not an Events API event type",
                          field=f"{path}.event_type")
     data = event.get("data")
@@ -198,7 +225,7 @@ def _identifier(batch: Mapping[str, Any], key: str) -> str | None:
 
 def _environment(batch: Mapping[str, Any]) -> str:
     environment = batch.get("environment") or "production"
-    if environment not in ENVIRONMENTS:
+    if not isinstance(environment, str) or environment not in ENVIRONMENTS:
         raise BadRequest("environment must be production or development", field="environment")
     return environment
 
@@ -235,14 +262,18 @@ def _user_attributes(batch: Mapping[str, Any]) -> dict[str, Any]:
         path = f"user_attributes.{name}"
         if not name or len(name) > MAX_ATTRIBUTE_NAME:
             raise BadRequest(f"user attribute names must have 1 to {MAX_ATTRIBUTE_NAME} characters", field=path)
-        if isinstance(value, list):
-            if len(value) > MAX_ATTRIBUTE_LIST:
-                raise BadRequest(f"{path} holds more than {MAX_ATTRIBUTE_LIST} values", field=path)
-            for item in value:
-                _check_attribute_scalar(item, path, allow_null=False)
-        else:
-            _check_attribute_scalar(value, path, allow_null=True)
+        _check_attribute_value(value, path)
     return dict(attributes)
+
+
+def _check_attribute_value(value: Any, path: str) -> None:
+    if isinstance(value, list):
+        if len(value) > MAX_ATTRIBUTE_LIST:
+            raise BadRequest(f"{path} holds more than {MAX_ATTRIBUTE_LIST} values", field=path)
+        for item in value:
+            _check_attribute_scalar(item, path, allow_null=False)
+    else:
+        _check_attribute_scalar(value, path, allow_null=True)
 
 
 def _check_attribute_scalar(value: Any, path: str, allow_null: bool) -> None:

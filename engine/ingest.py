@@ -153,6 +153,10 @@ class EventIngestor:
             events = batch.events if encoded.events is None else encoded.events
             rows.add(event_journal.EVENTS, (workspace.id, mpid, batch_id, received, batch_time, batch.environment,
                                             events))
+        for change in batch.attribute_changes:  # before the envelope's: at equal timestamps the envelope wins
+            rows.add(event_journal.ATTRIBUTES, (
+                workspace.id, mpid, batch_time if change.timestamp_ms is None else change.timestamp_ms,
+                {} if change.deleted else {change.name: change.value}, [change.name] if change.deleted else []))
         if batch.user_attributes or batch.deleted_user_attributes:
             rows.add(event_journal.ATTRIBUTES, (workspace.id, mpid, batch_time, batch.user_attributes,
                                                 batch.deleted_user_attributes))

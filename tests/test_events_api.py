@@ -61,6 +61,8 @@ def test_every_event_type_is_accepted_and_unknown_fields_are_kept(server: LiveSe
             data.update(event_name="Played", custom_event_type="media")
         if event_type == "screen_view":
             data["screen_name"] = "Settings"
+        if event_type == "user_attribute_change":
+            data.update(user_attribute_name="plan", new="pro")
         events.append({"event_type": event_type, "data": data})
     batch = {"events": events, "user_identities": {"customer_id": "all-types"}, "unknown_envelope_field": [1, 2]}
     assert send(client, batch).status_code == 202
@@ -134,6 +136,29 @@ def test_user_attributes_latest_timestamp_wins_in_journal_and_after_folding(serv
     assert current_attributes(server) == expected
 
 
+def test_user_attribute_change_events_set_and_remove_attributes_like_the_web_sdk_sends_them(server: LiveServer, idsync):
+    client = idsync()
+
+    def change(name: str, timestamp: int, new: Any = None, deleted: bool = False) -> dict[str, Any]:
+        return {"event_type": "user_attribute_change", "data": {
+            "user_attribute_name": name, "new": new, "old": None, "deleted": deleted, "is_new_attribute": not deleted,
+            "timestamp_unixtime_ms": timestamp}}
+
+    first = dict(attribute_batch("w", 1000, {"plan": "free"}), events=[change("plan", 900, "free"),
+                                                                       change("colours", 950, ["red"])])
+    assert send(client, first).status_code == 202
+    assert current_attributes(server) == {"plan": "free", "colours": ["red"]}
+    removal = dict(attribute_batch("w", 2000, {"colours": ["red"]}), events=[change("plan", 1900, deleted=True)])
+    assert send(client, removal).status_code == 202
+    assert current_attributes(server) == {"colours": ["red"]}
+    stale = dict(attribute_batch("w", 1500), events=[change("plan", 1500, "pro")])  # older than the removal
+    assert send(client, stale).status_code == 202
+    assert current_attributes(server) == {"colours": ["red"]}
+    bad = dict(attribute_batch("w", 3000), events=[change("plan", 3000, {"nested": 1})])
+    response = send(client, bad)
+    assert response.status_code == 400 and response.json()["errors"][0]["field"] == "events[0].data.new"
+
+
 def test_consent_history_keeps_changes_once_and_current_state_is_latest(server: LiveServer, idsync):
     client = idsync()
 
@@ -160,6 +185,8 @@ def test_consent_history_keeps_changes_once_and_current_state_is_latest(server: 
     (lambda b: b["consent_state"].update(lgpd={}), "consent_state.lgpd"),
     (lambda b: b["user_identities"].update(shoe_size="42"), "user_identities.shoe_size"),
     (lambda b: b.update(environment="staging"), "environment"),
+    (lambda b: b.update(environment={"name": "prod"}), "environment"),
+    (lambda b: b["events"].append({"event_type": ["x"], "data": {}}), "events[3].event_type"),
     (lambda b: b.update(deleted_user_attributes=["tier"]), "deleted_user_attributes[0]"),
     (lambda b: b.update(user_identities={}, device_info={}), "user_identities"),
 ])
