@@ -17,7 +17,8 @@ from engine.journal import RowKind
 
 BATCH = RowKind("batch", "batches", (
     ("workspace_id", "s"), ("batch_id", "s"), ("source_request_id", "s"), ("mpid", "i"), ("timestamp_ms", "i"),
-    ("received_ms", "i"), ("environment", "s"), ("source", "s"), ("event_count", "i"), ("envelope", "j")))
+    ("received_ms", "i"), ("environment", "s"), ("source", "s"), ("event_count", "i"), ("envelope", "j"),
+    ("batch_key", "i"), ("request_key", "i")))
 EVENTS = RowKind("events", "events", (
     ("workspace_id", "s"), ("mpid", "i"), ("batch_id", "s"), ("received_ms", "i"), ("default_timestamp_ms", "i"),
     ("environment", "s"), ("events", "j")))
@@ -37,7 +38,9 @@ CREATE TABLE batches_base (
     environment VARCHAR NOT NULL,
     source VARCHAR NOT NULL,
     event_count INTEGER NOT NULL,
-    envelope JSON
+    envelope JSON,
+    batch_key BIGINT NOT NULL,
+    request_key BIGINT
 );
 
 CREATE TABLE events_base (
@@ -195,6 +198,8 @@ def fold_statements() -> list[str]:
 COMMENTS = """
 COMMENT ON VIEW batches IS 'Every accepted Events API batch: envelope (device_info, application_info, ...) without events';
 COMMENT ON COLUMN batches.batch_id IS 'the client batch_id, or one idmesh assigned (b_...) when it sent none';
+COMMENT ON COLUMN batches.batch_key IS 'replay key: 64-bit digest of workspace and batch_id (engine/ingest.py)';
+COMMENT ON COLUMN batches.request_key IS 'replay key of source_request_id, when the batch had one';
 COMMENT ON COLUMN batches.source IS 's2s (/v2/events, /v2/bulkevents), web (/v3/JS/{key}/events) or import (CSV)';
 COMMENT ON VIEW events IS 'One row per event, in the batch order; data holds every field the event arrived with';
 COMMENT ON COLUMN events.event_name IS 'event_name, or screen_name for screen_view events';

@@ -54,7 +54,7 @@ class BatchOutcome:
 
 def _replay_key(workspace_id: str, kind: str, value: str) -> int:
     digest = hashlib.blake2b(f"{workspace_id}\x00{kind}\x00{value}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    return int.from_bytes(digest, "big", signed=True)  # a BIGINT column holds it
 
 
 class EventIngestor:
@@ -64,16 +64,12 @@ class EventIngestor:
         self.load_replay_keys()
 
     def load_replay_keys(self) -> None:
+        """The batches carry their replay keys, so start-up reads two integer columns, not every id."""
         cursor = self.service.connection.cursor()
         try:
-            reader = cursor.sql("SELECT workspace_id, batch_id, source_request_id FROM batches").to_arrow_reader(100_000)
-            seen: set[int] = set()
-            for chunk in reader:
-                for workspace_id, batch_id, source_request_id in zip(*(c.to_pylist() for c in chunk.columns)):
-                    seen.add(_replay_key(workspace_id, "batch", batch_id))
-                    if source_request_id is not None:
-                        seen.add(_replay_key(workspace_id, "request", source_request_id))
-            self._seen = seen
+            table = cursor.sql("SELECT batch_key AS key FROM batches UNION ALL "
+                               "SELECT request_key FROM batches WHERE request_key IS NOT NULL").to_arrow_table()
+            self._seen = set(table.column("key").to_pylist())
         finally:
             cursor.close()
 
@@ -108,23 +104,23 @@ class EventIngestor:
               encoded: EncodedBatch | None) -> tuple[BatchOutcome, WriteBatch]:
         """All graph and replay-key changes happen here, synchronously, after every check has passed."""
         batch = parse_batch(raw)
-        keys = self._replay_keys(workspace, batch)
+        batch_key, request_key = self._replay_keys(workspace, batch)
+        keys = [k for k in (batch_key, request_key) if k is not None]
         if any(key in self._seen for key in keys):
             return BatchOutcome(index, "duplicate", batch.batch_id), WriteBatch()
         encoded = encoded or _encode(raw)
         rows, mpid = self._resolve_profile(workspace, batch, received)
         batch_id = batch.batch_id or "b_" + secrets.token_hex(8)
+        batch_key = batch_key if batch_key is not None else _replay_key(workspace.id, "batch", batch_id)
         self._seen.update(keys)
-        self._add_rows(rows, workspace, batch, encoded, mpid, batch_id, source, received)
+        self._add_rows(rows, workspace, batch, encoded, mpid, batch_id, (batch_key, request_key), source, received)
         return BatchOutcome(index, "accepted", batch_id, mpid), rows
 
-    def _replay_keys(self, workspace: Workspace, batch: ParsedBatch) -> list[int]:
-        keys = []
-        if batch.batch_id is not None:
-            keys.append(_replay_key(workspace.id, "batch", batch.batch_id))
-        if batch.source_request_id is not None:
-            keys.append(_replay_key(workspace.id, "request", batch.source_request_id))
-        return keys
+    def _replay_keys(self, workspace: Workspace, batch: ParsedBatch) -> tuple[int | None, int | None]:
+        batch_key = None if batch.batch_id is None else _replay_key(workspace.id, "batch", batch.batch_id)
+        request_key = (None if batch.source_request_id is None
+                       else _replay_key(workspace.id, "request", batch.source_request_id))
+        return batch_key, request_key
 
     def _resolve_profile(self, workspace: Workspace, batch: ParsedBatch, received: int) -> tuple[WriteBatch, int]:
         graph = self.service.graph(workspace)
@@ -144,11 +140,11 @@ class EventIngestor:
         return rows, answer.mpid
 
     def _add_rows(self, rows: WriteBatch, workspace: Workspace, batch: ParsedBatch, encoded: EncodedBatch,
-                  mpid: int, batch_id: str, source: str, received: int) -> None:
+                  mpid: int, batch_id: str, keys: tuple[int, int | None], source: str, received: int) -> None:
         batch_time = batch.timestamp_ms if batch.timestamp_ms is not None else received
         envelope = batch.envelope if encoded.envelope is None else encoded.envelope
         rows.add(event_journal.BATCH, (workspace.id, batch_id, batch.source_request_id, mpid, batch_time, received,
-                                       batch.environment, source, len(batch.events), envelope))
+                                       batch.environment, source, len(batch.events), envelope, *keys))
         if batch.events:
             events = batch.events if encoded.events is None else encoded.events
             rows.add(event_journal.EVENTS, (workspace.id, mpid, batch_id, received, batch_time, batch.environment,
