@@ -2,8 +2,12 @@
 
 A request hands its `WriteBatch` to `GroupCommitWriter.submit` and answers only when the returned future
 resolves, i.e. after the transaction holding its rows committed. Batches commit in submission order, so an
-answer never depends on state that a crash could take back. A commit is one insert into the write journal;
-the writer folds the journal into the base tables when it has grown or aged (engine/journal.py).
+answer never depends on state that a crash could take back. A commit is one insert into the write journal.
+When the journal has grown or aged, a second thread folds it into the base tables (engine/journal.py) in its
+own transaction, so commits go on meanwhile: the fold reads only the journal rows of its snapshot and
+deletes exactly those, while the writer only appends newer ones. DuckDB runs the fold without the GIL, so on
+two cores it costs the commit path little. A batch that must see every row in the base tables
+(`fold_first`) waits for a running fold and folds inline.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class GroupCommitWriter:
         # A thread waiting for the GIL gets it only every switch interval (5 ms by default) while the event loop
         # is busy; the commit wait is on every request's path, so hand the GIL over sooner.
         sys.setswitchinterval(0.0005)
+        self._folder = JournalFolder(connection)
         self._thread = threading.Thread(target=self._run, name="idmesh-writer", daemon=True)
         self.commits = 0
         self._thread.start()
@@ -82,6 +87,7 @@ class GroupCommitWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._folder.close()
         self._cursor.close()
 
     def _run(self) -> None:
@@ -134,27 +140,75 @@ class GroupCommitWriter:
     def _write(self, batch: WriteBatch) -> None:
         cur = self._cursor
         pending = journal_table(self._next_seq, batch.rows)  # noqa: F841 (read by the INSERTs below)
-        fold = batch.fold_first or self._fold_due(len(batch.rows))
-        if not fold and not batch.statements:
+        if not batch.fold_first and not batch.statements:
             # the common case in one round trip into DuckDB
             cur.execute("BEGIN; INSERT INTO write_journal SELECT * FROM pending; COMMIT")
         else:
-            cur.begin()
-            if batch.rows:
-                cur.execute("INSERT INTO write_journal SELECT * FROM pending")
-            if fold:
-                store.fold(cur)
-            for statement in batch.statements:
-                statement(cur)
-            cur.commit()
+            with self._folder.exclusive():
+                cur.begin()
+                if batch.rows:
+                    cur.execute("INSERT INTO write_journal SELECT * FROM pending")
+                if batch.fold_first:
+                    store.fold(cur)
+                for statement in batch.statements:
+                    statement(cur)
+                cur.commit()
         self._next_seq += len(batch.rows)
-        if fold:
+        if batch.fold_first:
             self._journal_rows, self._oldest_unfolded = 0, None
         elif batch.rows:
             self._journal_rows += len(batch.rows)
             self._oldest_unfolded = self._oldest_unfolded or time.monotonic()
+            if self._fold_due():
+                self._folder.request()
+                self._journal_rows, self._oldest_unfolded = 0, None
 
-    def _fold_due(self, incoming: int) -> bool:
-        if self._journal_rows + incoming >= self._fold_rows:
+    def _fold_due(self) -> bool:
+        if self._journal_rows >= self._fold_rows:
             return True
         return self._oldest_unfolded is not None and time.monotonic() - self._oldest_unfolded > self._fold_seconds
+
+
+class JournalFolder:
+    """Folds the write journal on its own thread and cursor when asked; `exclusive()` keeps a fold from
+    running beside a transaction that updates base tables itself."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._cursor = connection.cursor()
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.folds = 0
+        self._thread = threading.Thread(target=self._run, name="idmesh-journal-fold", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def exclusive(self) -> threading.Lock:
+        return self._lock
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+        self._cursor.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping:
+                return
+            with self._lock:
+                try:
+                    self._cursor.begin()
+                    store.fold(self._cursor)
+                    self._cursor.commit()
+                    self.folds += 1
+                except duckdb.Error as exc:  # the rows stay in the journal; the next request folds them
+                    log.error("journal fold failed: %s", exc)
+                    try:
+                        self._cursor.rollback()
+                    except duckdb.Error:
+                        pass
