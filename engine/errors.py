@@ -57,3 +57,8 @@ class StoreUnavailable(IdmeshError):
 class PayloadTooLarge(IdmeshError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"
+
+
+class Conflict(IdmeshError):
+    status = 409
+    code = "CONFLICT"
