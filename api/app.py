@@ -9,12 +9,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from api import events_routes, idsync_routes, import_routes, platform_routes, profile_routes, sql_routes
+from api import ca_routes, events_routes, idsync_routes, import_routes, platform_routes, profile_routes, sql_routes
 from api.background import start_background_jobs
 from api.body import add_body_schemas
 from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
+from engine.ca_engine import CalculatedAttributeEngine
+from engine.ca_registry import CalculatedAttributeRegistry
 from engine.idsync import IdSyncService
 from engine.ingest import EventIngestor
 
@@ -32,6 +34,10 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
                   description="Identity resolution speaking mParticle's IDSync wire format")
     app.state.service = service
     app.state.ingestor = EventIngestor(service)
+    app.state.calculated = CalculatedAttributeRegistry()
+    app.state.calculated.load(service.connection)
+    app.state.calculation = CalculatedAttributeEngine(service.connection)
+    app.state.background_tasks = set()  # computations running off the event loop (api/ca_routes.py)
     app.state.admin_token = admin_token
     app.state.buckets = TokenBuckets()
     install_error_handlers(app)
@@ -42,6 +48,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.include_router(import_routes.router)
     app.include_router(profile_routes.router)
     app.include_router(sql_routes.router)
+    app.include_router(ca_routes.router)
 
     @app.get("/healthz", tags=["Health"])
     async def healthz() -> Response:

@@ -17,7 +17,7 @@ from api.auth import admin_or_own_workspace
 from api.body import body_schema, parse_body
 from api.responses import json_response, service_of
 from engine.errors import BadRequest
-from engine.profiles import parse_fields, read_profile, resolve_immutable
+from engine.profiles import parse_fields, profile_value, read_profile, resolve_immutable
 
 router = APIRouter(prefix="/userprofile/v1", tags=["Profiles"])
 
@@ -36,6 +36,11 @@ async def _profile(request: Request, workspace_id: str, mpid: int, fields: str |
     graph = service.graph(workspace)
     # DuckDB reads block for a few milliseconds: keep them off the event loop
     body = await asyncio.to_thread(read_profile, service.connection, workspace, graph, mpid, wanted)
+    if "user_attributes" in wanted:
+        # calculated attributes show among the user attributes, under their names, as mParticle's profile does
+        names = {ca.id: ca.name for ca in request.app.state.calculated.active(workspace.id)}
+        values = await asyncio.to_thread(request.app.state.calculation.values, workspace.id, mpid)
+        body["user_attributes"].update({names[i]: profile_value(v) for i, v in values.items() if i in names})
     return json_response(body)
 
 

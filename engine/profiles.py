@@ -111,10 +111,10 @@ def _identity_list(rows: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
 def _attributes(cursor: duckdb.DuckDBPyConnection, workspace: Workspace, mpid: int) -> dict[str, Any]:
     rows = cursor.execute("SELECT name, value FROM user_attributes WHERE workspace_id = ? AND mpid = ? ORDER BY name",
                           [workspace.id, mpid]).fetchall()
-    return {name: _as_profile_value(orjson.loads(value) if value is not None else None) for name, value in rows}
+    return {name: profile_value(orjson.loads(value) if value is not None else None) for name, value in rows}
 
 
-def _as_profile_value(value: Any) -> Any:
+def profile_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_as_text(v) for v in value]
     return None if value is None else _as_text(value)

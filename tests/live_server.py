@@ -43,7 +43,8 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self.service = IdSyncService.open(str(self.db_path))
-        config = uvicorn.Config(create_app(self.service, ADMIN_TOKEN), host="127.0.0.1", port=self.port,
+        self.app = create_app(self.service, ADMIN_TOKEN)  # tests reach app.state (e.g. the DSR service)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                 log_level="warning", access_log=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)

@@ -1,0 +1,169 @@
+"""Calculated attributes Platform API (reference §3), `/platform/v2/workspaces/{workspace_id}/calculatedattributes`.
+
+Credentials: the admin bearer token, or the workspace's own key + secret. Activation answers at once; the
+full computation runs in the background and `GET .../{id}/calculation` reports its progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from api.auth import admin_or_own_workspace, check_admin
+from api.responses import json_response, service_of
+from engine.ca_engine import CalculatedAttributeEngine
+from engine.ca_registry import CalculatedAttribute, CalculatedAttributeRegistry
+from engine.errors import BadRequest
+from engine.workspaces import Workspace
+
+router = APIRouter(prefix="/platform/v2/workspaces/{workspace_id}/calculatedattributes", tags=["Calculated attributes"])
+log = logging.getLogger("idmesh.calculated")
+
+
+def registry_of(request: Request) -> CalculatedAttributeRegistry:
+    return request.app.state.calculated
+
+
+def engine_of(request: Request) -> CalculatedAttributeEngine:
+    return request.app.state.calculation
+
+
+async def _body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", field="body") from None
+
+
+def _ca_id(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest("id must be an integer", field="id") from None
+
+
+async def _commit(request: Request, plan: tuple[CalculatedAttribute, Any]) -> CalculatedAttribute:
+    ca, batch = plan
+    await service_of(request).commit(batch)
+    registry_of(request).remember(ca)
+    return ca
+
+
+@router.get("")
+async def list_calculated_attributes(request: Request, workspace_id: str, name: str | None = None) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    return json_response({"data": [ca.public_json() for ca in registry_of(request).list(workspace.id, name)]})
+
+
+@router.head("")
+async def any_calculated_attribute(request: Request, workspace_id: str, name: str | None = None) -> Response:
+    """204 when at least one matches (by `name` when given), else 404; no body either way."""
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    return Response(status_code=204 if registry_of(request).list(workspace.id, name) else 404)
+
+
+@router.post("", status_code=201)
+async def create_calculated_attribute(request: Request, workspace_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    ca = await _commit(request, registry_of(request).plan_create(workspace.id, await _body(request)))
+    return json_response({"id": ca.id, **ca.public_json()}, status=201)
+
+
+@router.get("/{ca_id}")
+async def get_calculated_attribute(request: Request, workspace_id: str, ca_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    return json_response(registry_of(request).get(workspace.id, _ca_id(ca_id)).public_json())
+
+
+@router.put("/{ca_id}", status_code=204)
+async def update_calculated_attribute(request: Request, workspace_id: str, ca_id: str) -> Response:
+    """Changes the draft (and the name before the first activation, the description always)."""
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    await _commit(request, registry_of(request).plan_update(workspace.id, _ca_id(ca_id), await _body(request)))
+    return Response(status_code=204)
+
+
+@router.delete("/{ca_id}", status_code=204)
+async def delete_calculated_attribute(request: Request, workspace_id: str, ca_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    number = _ca_id(ca_id)
+    batch = registry_of(request).plan_delete(workspace.id, number)
+    batch.statements.append(lambda cur: cur.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ?",
+                                                    [number]))
+    await service_of(request).commit(batch)
+    registry_of(request).remember(None, forget_id=number)
+    return Response(status_code=204)
+
+
+@router.delete("/{ca_id}/draft", status_code=204)
+async def discard_draft(request: Request, workspace_id: str, ca_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    await _commit(request, registry_of(request).plan_discard_draft(workspace.id, _ca_id(ca_id)))
+    return Response(status_code=204)
+
+
+@router.post("/{ca_id}/activation", status_code=204)
+async def activate(request: Request, workspace_id: str, ca_id: str) -> Response:
+    """The draft becomes the active definition; a full computation of every profile starts in the background."""
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    who = "admin" if check_admin(request, request.app.state.admin_token) else f"workspace:{workspace.api_key}"
+    ca = await _commit(request, registry_of(request).plan_activate(workspace.id, _ca_id(ca_id), who))
+    start_full_computation(request, ca)
+    return Response(status_code=204)
+
+
+@router.get("/{ca_id}/activation")
+async def activation(request: Request, workspace_id: str, ca_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    ca = registry_of(request).get(workspace.id, _ca_id(ca_id))
+    return json_response({"is_activated": ca.is_active, "activated_timestamp_ms": ca.activated_ms,
+                          "activated_by": ca.activated_by})
+
+
+@router.get("/{ca_id}/calculation")
+async def calculation(request: Request, workspace_id: str, ca_id: str) -> Response:
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    ca = registry_of(request).get(workspace.id, _ca_id(ca_id))
+    return json_response(engine_of(request).status_of(ca.id).as_json())
+
+
+def start_full_computation(request: Request, ca: CalculatedAttribute) -> None:
+    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
+    task = asyncio.create_task(asyncio.to_thread(engine_of(request).compute_all, ca))
+    tasks.add(task)  # keep a reference until done, or the loop may drop the task
+    task.add_done_callback(_finished(tasks, ca))
+
+
+def _finished(tasks: set[asyncio.Task[None]], ca: CalculatedAttribute) -> Any:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("computing calculated attribute %s failed: %s", ca.id, task.exception())
+    return done
+
+
+async def refresh_touched(request: Request, workspace: Workspace, mpids: list[int]) -> None:
+    """Incremental upkeep after an ingested batch: every active attribute of the workspace, touched profiles only."""
+    engine = engine_of(request)
+    for ca in registry_of(request).active(workspace.id):
+        await asyncio.to_thread(engine.refresh, ca, mpids)
+
+
+def refresh_in_background(request: Request, workspace: Workspace, mpids: list[int]) -> None:
+    if not mpids or not registry_of(request).active(workspace.id):
+        return
+    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
+    task = asyncio.create_task(refresh_touched(request, workspace, mpids))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def background_idle(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait until every computation started so far has finished (tests, and an orderly shutdown)."""
+    while tasks:
+        await asyncio.gather(*list(tasks), return_exceptions=True)
