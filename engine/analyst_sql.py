@@ -53,6 +53,8 @@ PUBLIC_VIEWS: dict[str, str] = {
     "consent": "workspace_id",
     "consent_history": "workspace_id",
     "alias_effects": "workspace_id",  # a table: what alias processing and unalias did
+    "calculated_attributes": "workspace_id",  # tables: definitions and current values
+    "calculated_attribute_values": "workspace_id",
 }
 
 # What a restriction column is compared with for a workspace caller.

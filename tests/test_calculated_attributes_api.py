@@ -43,6 +43,10 @@ def values(server: LiveServer, ca_id: int) -> dict[int, Any]:
         "SELECT mpid, value FROM calculated_attribute_values WHERE ca_id = ? AND value IS NOT NULL", ca_id)}
 
 
+def other_workspace(idsync) -> tuple[str, str]:
+    return idsync().auth
+
+
 def test_lifecycle_computation_and_upkeep(server: LiveServer, idsync):
     client = idsync()
     ws = server.service.workspaces.by_api_key(client.auth[0]).id
@@ -98,6 +102,14 @@ def test_lifecycle_computation_and_upkeep(server: LiveServer, idsync):
     assert profile.json()["user_attributes"] == {"lifetime spend": "15.5", "favourite category": "bags"}
     listed = http.get(base, auth=client.auth).json()["data"]
     assert [ca["name"] for ca in listed] == ["lifetime spend", "favourite category"]
+
+    through_sql = http.post("/v1/sql", auth=client.auth, json={"sql": f"""
+        SELECT c.name, v.value FROM calculated_attribute_values v JOIN calculated_attributes c ON c.id = v.ca_id
+        WHERE v.mpid = {mpid_a} ORDER BY c.name"""})
+    assert through_sql.status_code == 200, through_sql.text
+    assert through_sql.json()["rows"] == [["favourite category", "bags"], ["lifetime spend", 15.5]]
+    assert http.post("/v1/sql", auth=other_workspace(idsync), json={
+        "sql": "SELECT count(*) FROM calculated_attribute_values"}).json()["rows"] == [[0]]
 
     server.restart()  # definitions and values are durable
     assert values(server, spend) == {mpid_a: 15.5, mpid_b: 10.0}
