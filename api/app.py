@@ -20,11 +20,16 @@ from engine.ca_registry import CalculatedAttributeRegistry
 from engine.idsync import IdSyncService
 from engine.ingest import EventIngestor
 
+CA_TIME_POLL_SECONDS = 60
+
 
 def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         scheduler = start_background_jobs(service)
+        # values that time alone changes (calculated attribute windows, future-stamped events)
+        scheduler.add_job(ca_routes.refresh_time_driven, "interval", seconds=CA_TIME_POLL_SECONDS, args=[app],
+                          id="calculated-attributes-time", max_instances=1, coalesce=True)
         try:
             yield
         finally:

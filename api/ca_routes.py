@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from api.auth import admin_or_own_workspace, check_admin
@@ -19,6 +19,7 @@ from api.responses import json_response, service_of
 from engine.ca_engine import CalculatedAttributeEngine
 from engine.ca_registry import CalculatedAttribute, CalculatedAttributeRegistry
 from engine.errors import BadRequest
+from engine.store import now_ms
 from engine.workspaces import Workspace
 
 router = APIRouter(prefix="/platform/v2/workspaces/{workspace_id}/calculatedattributes", tags=["Calculated attributes"])
@@ -161,6 +162,20 @@ def refresh_in_background(request: Request, workspace: Workspace, mpids: list[in
     task = asyncio.create_task(refresh_touched(request, workspace, mpids))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+
+
+async def refresh_time_driven(app: FastAPI, as_of_ms: int | None = None) -> int:
+    """Scheduler job: recompute the values time alone has changed (windows, future-stamped events).
+    Returns how many profile values were recomputed."""
+    engine: CalculatedAttributeEngine = app.state.calculation
+    as_of = as_of_ms or now_ms()
+    recomputed = 0
+    for ca in app.state.calculated.all_active():
+        mpids = await asyncio.to_thread(engine.due, ca, as_of)
+        if mpids:
+            await asyncio.to_thread(engine.refresh, ca, mpids, as_of)
+            recomputed += len(mpids)
+    return recomputed
 
 
 async def background_idle(tasks: set[asyncio.Task[None]]) -> None:

@@ -68,6 +68,9 @@ class CalculatedAttributeRegistry:
         return sorted((ca for ca in self._by_id.values() if ca.workspace_id == workspace_id
                        and (name is None or ca.name == name)), key=lambda ca: ca.id)
 
+    def all_active(self) -> list[CalculatedAttribute]:
+        return sorted((ca for ca in self._by_id.values() if ca.is_active), key=lambda ca: ca.id)
+
     def active(self, workspace_id: str) -> list[CalculatedAttribute]:
         return [ca for ca in self.list(workspace_id) if ca.is_active]
 

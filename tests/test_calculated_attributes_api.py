@@ -4,13 +4,15 @@ ingest, values in the Profile API and SQL."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from live_server import ADMIN_TOKEN, LiveServer
 
-from api.ca_routes import background_idle
+from api.ca_routes import background_idle, refresh_time_driven
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+HOUR_MS = 3_600_000
 SPEND = {"calculation_type": "sum", "data_point": {"event_type": "commerce_event",
                                                    "attribute_name": "data.product_action.total_amount"}}
 FAVOURITE = {"calculation_type": "most_frequent",
@@ -116,6 +118,30 @@ def test_lifecycle_computation_and_upkeep(server: LiveServer, idsync):
     assert http.delete(f"{base}/{favourite}", auth=client.auth).status_code == 204
     assert http.get(f"{base}/{favourite}", auth=client.auth).status_code == 404
     assert values(server, favourite) == {}
+
+
+def test_windowed_values_change_when_time_passes(server: LiveServer, idsync):
+    client = idsync()
+    ws = server.service.workspaces.by_api_key(client.auth[0]).id
+    base = f"/platform/v2/workspaces/{ws}/calculatedattributes"
+    now = int(time.time() * 1000)
+    for batch in (purchase("w", 4, now - 2 * HOUR_MS), purchase("w", 6, now - 30 * 60_000),
+                  purchase("w", 100, now + HOUR_MS)):  # a clock ahead: counts once its time has come
+        assert client.call("/v2/events", batch).status_code == 202
+    mpid = int(client.identify({"customerid": "w"})["mpid"])
+    recent = dict(SPEND, time_period={"type": "within_last", "value": 1, "unit": "hours"})
+    ca = client.http.post(base, json={"name": "spend last hour", "draft_definition": recent}, auth=client.auth).json()
+    assert client.http.post(f"{base}/{ca['id']}/activation", auth=client.auth).status_code == 204
+    settle(server)
+    assert values(server, ca["id"]) == {mpid: 6.0}
+
+    def at(moment: int) -> int:
+        return asyncio.run_coroutine_threadsafe(refresh_time_driven(server.app, moment), server.loop).result()
+
+    assert at(now + 10 * 60_000) == 0  # nothing has changed yet
+    assert at(now + 31 * 60_000) == 1 and values(server, ca["id"]) == {}  # the 6 left the window
+    assert at(now + HOUR_MS) == 1 and values(server, ca["id"]) == {mpid: 100.0}  # the future purchase counts
+    assert at(now + 2 * HOUR_MS + 1) == 1 and values(server, ca["id"]) == {}
 
 
 def test_validation_isolation_and_limits(server: LiveServer, idsync):
