@@ -16,11 +16,13 @@ from starlette.responses import Response
 
 from api.auth import admin_or_own_workspace, check_admin
 from api.responses import json_response, service_of
-from engine.ca_engine import CalculatedAttributeEngine
+from engine.ca_engine import CalculatedAttributeEngine, seed_statement
 from engine.ca_registry import CalculatedAttribute, CalculatedAttributeRegistry
+from engine.ca_seeds import parse_seeds
 from engine.errors import BadRequest
 from engine.store import now_ms
 from engine.workspaces import Workspace
+from engine.writer import WriteBatch
 
 router = APIRouter(prefix="/platform/v2/workspaces/{workspace_id}/calculatedattributes", tags=["Calculated attributes"])
 log = logging.getLogger("idmesh.calculated")
@@ -94,8 +96,8 @@ async def delete_calculated_attribute(request: Request, workspace_id: str, ca_id
     workspace = await admin_or_own_workspace(request, workspace_id)
     number = _ca_id(ca_id)
     batch = registry_of(request).plan_delete(workspace.id, number)
-    batch.statements.append(lambda cur: cur.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ?",
-                                                    [number]))
+    for table in ("calculated_attribute_values", "calculated_attribute_seeds"):
+        batch.statements.append(lambda cur, table=table: cur.execute(f"DELETE FROM {table} WHERE ca_id = ?", [number]))
     await service_of(request).commit(batch)
     registry_of(request).remember(None, forget_id=number)
     return Response(status_code=204)
@@ -124,6 +126,25 @@ async def activation(request: Request, workspace_id: str, ca_id: str) -> Respons
     ca = registry_of(request).get(workspace.id, _ca_id(ca_id))
     return json_response({"is_activated": ca.is_active, "activated_timestamp_ms": ca.activated_ms,
                           "activated_by": ca.activated_by})
+
+
+@router.post("/{ca_id}/seeds", status_code=202)
+async def seed(request: Request, workspace_id: str, ca_id: str) -> Response:
+    """Starting values as of a date, `{"seeds": [{"mpid", "value", "as_of", "count"?, "values"?}]}`: events up to
+    `as_of` are covered by the seed; later ones combine with it (engine/ca_seeds.py)."""
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    ca = registry_of(request).get(workspace.id, _ca_id(ca_id))
+    definition = ca.active_definition or ca.draft_definition
+    seeds = parse_seeds(await _body(request), definition["calculation_type"])
+    unknown = [s.mpid for s in seeds if service_of(request).graph(workspace).get(s.mpid) is None]
+    if unknown:
+        raise BadRequest(f"seeds name MPIDs that are not profiles of this workspace: {unknown[:5]}", field="seeds")
+    batch = WriteBatch()
+    batch.statements.append(seed_statement(workspace.id, ca.id, seeds))
+    await service_of(request).commit(batch)
+    if ca.is_active:
+        await asyncio.to_thread(engine_of(request).refresh, ca, sorted({s.mpid for s in seeds}))
+    return json_response({"accepted": len(seeds)}, status=202)
 
 
 @router.get("/{ca_id}/calculation")

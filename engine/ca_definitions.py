@@ -199,11 +199,11 @@ def _time_period(raw: Any, path: str) -> TimePeriod:
             raise BadRequest(f"{path}.unit must be hours or days", field=f"{path}.unit")
         return TimePeriod("within_last", window_ms=amount * HOUR_MS * (24 if unit == "days" else 1))
     if kind == "since":
-        return TimePeriod("since", since_ms=_date_ms(raw.get("date"), f"{path}.date"))
+        return TimePeriod("since", since_ms=date_ms(raw.get("date"), f"{path}.date"))
     raise BadRequest(f"{path}.type must be all_time, within_last or since", field=f"{path}.type")
 
 
-def _date_ms(value: Any, path: str) -> int:
+def date_ms(value: Any, path: str) -> int:
     """A unix time in milliseconds, or an ISO 8601 date / date-time (UTC unless it says otherwise)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value

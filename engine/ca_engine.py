@@ -11,6 +11,7 @@ writer, and a crash at worst leaves a computation to run again.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -18,9 +19,10 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from engine.ca_compute import attribute_column, compute, counted_events
+from engine.ca_compute import attribute_column, counted_events
 from engine.ca_definitions import Definition
 from engine.ca_registry import CalculatedAttribute
+from engine.ca_seeds import Seed, compute_seeded
 from engine.store import now_ms
 
 CHUNKS = 16  # progress granularity of a full computation: profiles are split by mpid hash
@@ -87,9 +89,9 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
 
 
 def value_rows(definition: Definition, events: pl.DataFrame, as_of_ms: int, mpids: list[int] | None,
-               workspace_id: str, ca_id: int) -> pa.Table:
+               workspace_id: str, ca_id: int, seeds: dict[int, Seed] | None = None) -> pa.Table:
     """Rows for calculated_attribute_values: every profile with a value or a coming change."""
-    values = dict(compute(definition, events, as_of_ms).iter_rows())
+    values = compute_seeded(definition, events, as_of_ms, seeds or {})
     changes = _changes_at(definition, events, as_of_ms)
     wanted = sorted(set(values) | set(changes)) if mpids is None else sorted(set(mpids) & (set(values) | set(changes)))
     stamp = now_ms()
@@ -100,6 +102,30 @@ def value_rows(definition: Definition, events: pl.DataFrame, as_of_ms: int, mpid
         "computed_ms": pa.array([stamp] * len(wanted), pa.int64()),
         "changes_at_ms": pa.array([changes.get(m) for m in wanted], pa.int64()),
     })
+
+
+def read_seeds(cursor: duckdb.DuckDBPyConnection, ca_id: int, mpids: list[int] | None = None,
+               chunk: int | None = None) -> dict[int, Seed]:
+    query = "SELECT mpid, value, as_of_ms, seed_count, seed_values FROM calculated_attribute_seeds WHERE ca_id = ?"
+    params: list[object] = [ca_id]
+    if mpids is not None:
+        query += " AND list_contains(?, mpid)"
+        params.append(mpids)
+    if chunk is not None:
+        query += f" AND hash(mpid) % {CHUNKS} = ?"
+        params.append(chunk)
+    return {mpid: Seed(mpid, orjson.loads(value), as_of, count, tuple(orjson.loads(values)) if values else None)
+            for mpid, value, as_of, count, values in cursor.execute(query, params).fetchall()}
+
+
+def seed_statement(workspace_id: str, ca_id: int, seeds: list[Seed]) -> Callable[[duckdb.DuckDBPyConnection], None]:
+    """A writer statement storing seeds (a later seed for the same profile replaces the earlier one)."""
+    rows = [[workspace_id, ca_id, s.mpid, orjson.dumps(s.value).decode(), s.as_of_ms, s.count,
+             orjson.dumps(list(s.values)).decode() if s.values is not None else None] for s in seeds]
+
+    def store(cur: duckdb.DuckDBPyConnection) -> None:
+        cur.executemany("INSERT OR REPLACE INTO calculated_attribute_seeds VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    return store
 
 
 def _changes_at(definition: Definition, events: pl.DataFrame, as_of_ms: int) -> dict[int, int]:
@@ -134,7 +160,8 @@ class CalculatedAttributeEngine:
                 cursor.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ?", [ca.id])
                 for chunk in range(CHUNKS):
                     events = read_events(cursor, ca.workspace_id, definition, as_of, chunk=chunk)
-                    rows = value_rows(definition, events, as_of, None, ca.workspace_id, ca.id)  # noqa: F841
+                    seeds = read_seeds(cursor, ca.id, chunk=chunk)
+                    rows = value_rows(definition, events, as_of, None, ca.workspace_id, ca.id, seeds)  # noqa: F841
                     cursor.execute("INSERT INTO calculated_attribute_values SELECT * FROM rows")
                     status.progress = (chunk + 1) / CHUNKS
                 cursor.commit()
@@ -161,7 +188,8 @@ class CalculatedAttributeEngine:
                  mpids: list[int], as_of: int) -> None:
         try:
             events = read_events(cursor, ca.workspace_id, definition, as_of, mpids=mpids)
-            rows = value_rows(definition, events, as_of, mpids, ca.workspace_id, ca.id)  # noqa: F841
+            seeds = read_seeds(cursor, ca.id, mpids=mpids)
+            rows = value_rows(definition, events, as_of, mpids, ca.workspace_id, ca.id, seeds)  # noqa: F841
             cursor.begin()
             cursor.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ? AND list_contains(?, mpid)",
                            [ca.id, mpids])

@@ -32,3 +32,18 @@ COMMENT ON TABLE calculated_attribute_values IS
 COMMENT ON COLUMN calculated_attribute_values.changes_at_ms IS
     'when time alone changes the value (a window expires or a future-stamped event starts to count)';
 """
+
+SEEDS_DDL = """
+CREATE TABLE calculated_attribute_seeds (
+    workspace_id VARCHAR NOT NULL,
+    ca_id BIGINT NOT NULL,
+    mpid BIGINT NOT NULL,
+    value JSON NOT NULL,
+    as_of_ms BIGINT NOT NULL,
+    seed_count BIGINT,
+    seed_values JSON,
+    PRIMARY KEY (ca_id, mpid)
+);
+COMMENT ON TABLE calculated_attribute_seeds IS
+    'Starting values of calculated attributes as of a date (engine/ca_seeds.py says how later events combine)';
+"""

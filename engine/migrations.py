@@ -102,4 +102,5 @@ CREATE TABLE hub_values_base (
     (2, "events, user attributes, consent", event_journal.TABLES_DDL + ";\n".join(event_journal.view_statements())
      + ";\n" + event_journal.COMMENTS),
     (4, "calculated attributes", ca_schema.DEFINITIONS_DDL + ca_schema.VALUES_DDL),
+    (5, "calculated attribute seeds", ca_schema.SEEDS_DDL),
 ]

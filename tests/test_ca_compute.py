@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import polars as pl
@@ -24,6 +25,7 @@ from engine.ca_definitions import (
     parse_definition,
 )
 from engine.ca_incremental import IncrementalValues
+from engine.ca_seeds import Seed, compute_seeded
 from engine.errors import BadRequest
 
 ATTRIBUTE_VALUES = [None, "x", "y", "z", "1", "2.5", "-3", "10", "true", "false"]
@@ -202,6 +204,38 @@ def test_incremental_upkeep_equals_full_recomputation(definition: Definition, ev
     for later in range(as_of + 1, 150):
         values.advance(later)
         check(later)
+
+
+SEEDABLE = sorted(CALCULATION_TYPES - {"most_frequent"})  # a mode cannot be rebuilt from one value and a count
+
+
+@PROPERTY_SETTINGS
+@given(definitions(), event_streams(), st.integers(0, 100), st.integers(100, 120))
+def test_seeding_with_the_true_history_reproduces_the_full_value(definition: Definition,
+                                                                  events: list[dict[str, Any]], cut: int, as_of: int):
+    """Seed each profile with what its events up to `cut` compute to; seed + later events must equal the value
+    computed from all events (all_time: a window would cut the seed's history in two)."""
+    if definition.calculation_type not in SEEDABLE:
+        definition = replace(definition, calculation_type="sum", data_point=replace(definition.data_point,
+                                                                                      attribute_name="amount"))
+    definition = replace(definition, time_period=TimePeriod("all_time"))
+    history = [e for e in events if e["ts"] <= cut]
+    seeds = {}
+    for mpid, value in oracle(definition, history, cut).items():
+        counted = oracle(replace(definition, calculation_type="count"), history, cut).get(mpid)
+        values = oracle(replace(definition, calculation_type="unique_list"), history, cut).get(mpid)
+        seeds[mpid] = Seed(mpid, value, cut, count=counted if definition.calculation_type == "average" else None,
+                           values=tuple(values) if definition.calculation_type == "unique_values_count" else None)
+    if definition.calculation_type == "average":  # the weight is the number of numeric values behind the mean
+        for mpid, seed in list(seeds.items()):
+            numbers = [e for e in history if e["mpid"] == mpid and number(e["attributes"].get("amount")) is not None
+                       and all(passes(c, e["attributes"].get(c.attribute_name)) for c in definition.conditions)
+                       and (definition.data_point.event_type is None or e["type"] == definition.data_point.event_type)
+                       and (definition.data_point.event_name is None or e["name"] == definition.data_point.event_name)]
+            seeds[mpid] = replace(seed, count=len(numbers))
+    seeded = compute_seeded(definition, frame(events, definition), as_of, seeds)
+    expected = oracle(definition, events, as_of)
+    assert same(seeded, expected), (seeds, seeded, expected)
 
 
 def test_parse_definition_accepts_the_documented_shape():

@@ -144,6 +144,36 @@ def test_windowed_values_change_when_time_passes(server: LiveServer, idsync):
     assert at(now + 2 * HOUR_MS + 1) == 1 and values(server, ca["id"]) == {}
 
 
+def test_seeds_combine_with_later_events(server: LiveServer, idsync):
+    client = idsync()
+    ws = server.service.workspaces.by_api_key(client.auth[0]).id
+    base = f"/platform/v2/workspaces/{ws}/calculatedattributes"
+    for batch in (purchase("s", 40, 1_000), purchase("s", 2, 5_000)):
+        assert client.call("/v2/events", batch).status_code == 202
+    mpid = int(client.identify({"customerid": "s"})["mpid"])
+    ca = client.http.post(base, json={"name": "spend", "draft_definition": SPEND}, auth=client.auth).json()["id"]
+    assert client.http.post(f"{base}/{ca}/activation", auth=client.auth).status_code == 204
+    settle(server)
+    assert values(server, ca) == {mpid: 42.0}
+    # the seed stands for everything up to its date (the purchase of 40 included); the later 2 adds to it
+    seeded = client.http.post(f"{base}/{ca}/seeds", auth=client.auth,
+                              json={"seeds": [{"mpid": str(mpid), "value": 500, "as_of": 2_000}]})
+    assert seeded.status_code == 202, seeded.text
+    assert values(server, ca) == {mpid: 502.0}
+    assert client.call("/v2/events", purchase("s", 8, 6_000)).status_code == 202
+    settle(server)
+    assert values(server, ca) == {mpid: 510.0}
+    bad = client.http.post(f"{base}/{ca}/seeds", auth=client.auth, json={"seeds": [{"mpid": mpid, "value": "lots",
+                                                                                     "as_of": 2_000}]})
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "seeds[0].value"
+    unknown = client.http.post(f"{base}/{ca}/seeds", auth=client.auth,
+                               json={"seeds": [{"mpid": 12345, "value": 1, "as_of": 2_000}]})
+    assert unknown.status_code == 400
+    server.restart()
+    assert client.http.post(f"{base}/{ca}/activation", auth=client.auth).status_code == 400  # no draft left
+    assert values(server, ca) == {mpid: 510.0}
+
+
 def test_validation_isolation_and_limits(server: LiveServer, idsync):
     client, other = idsync(), idsync()
     ws = server.service.workspaces.by_api_key(client.auth[0]).id
