@@ -55,6 +55,7 @@ PUBLIC_VIEWS: dict[str, str] = {
     "alias_effects": "workspace_id",  # a table: what alias processing and unalias did
     "calculated_attributes": "workspace_id",  # tables: definitions and current values
     "calculated_attribute_values": "workspace_id",
+    "calculated_attribute_seeds": "workspace_id",
 }
 
 # What a restriction column is compared with for a workspace caller.
