@@ -43,6 +43,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.state.calculated.load(service.connection)
     app.state.calculation = CalculatedAttributeEngine(service.connection)
     app.state.background_tasks = set()  # computations running off the event loop (api/ca_routes.py)
+    app.state.ca_pending, app.state.ca_drain = {}, None  # profiles awaiting incremental upkeep, and its task
     app.state.admin_token = admin_token
     app.state.buckets = TokenBuckets()
     install_error_handlers(app)

@@ -169,20 +169,29 @@ def _finished(tasks: set[asyncio.Task[None]], ca: CalculatedAttribute) -> Any:
     return done
 
 
-async def refresh_touched(request: Request, workspace: Workspace, mpids: list[int]) -> None:
-    """Incremental upkeep after an ingested batch: every active attribute of the workspace, touched profiles only."""
-    engine = engine_of(request)
-    for ca in registry_of(request).active(workspace.id):
-        await asyncio.to_thread(engine.refresh, ca, mpids)
-
-
 def refresh_in_background(request: Request, workspace: Workspace, mpids: list[int]) -> None:
+    """Incremental upkeep after an ingested batch, for every active attribute of the workspace and the touched
+    profiles only. Touched profiles gather while a refresh runs and go together into the next one, so a busy
+    ingest costs a few large refreshes rather than one DuckDB read per request."""
     if not mpids or not registry_of(request).active(workspace.id):
         return
-    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
-    task = asyncio.create_task(refresh_touched(request, workspace, mpids))
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    state = request.app.state
+    pending: dict[str, set[int]] = state.ca_pending
+    pending.setdefault(workspace.id, set()).update(mpids)
+    if state.ca_drain is None or state.ca_drain.done():
+        state.ca_drain = asyncio.create_task(_drain(state))
+        state.background_tasks.add(state.ca_drain)
+        state.ca_drain.add_done_callback(state.background_tasks.discard)
+
+
+async def _drain(state: Any) -> None:
+    while state.ca_pending:
+        workspace_id, mpids = state.ca_pending.popitem()
+        for ca in state.calculated.active(workspace_id):
+            try:
+                await asyncio.to_thread(state.calculation.refresh, ca, sorted(mpids))
+            except Exception as exc:  # keep draining; the values stay as they were and the next batch retries
+                log.error("refreshing calculated attribute %s failed: %s", ca.id, exc)
 
 
 async def refresh_time_driven(app: FastAPI, as_of_ms: int | None = None) -> int:
