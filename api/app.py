@@ -58,7 +58,14 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
 
     @app.get("/healthz", tags=["Health"])
     async def healthz() -> Response:
-        """Liveness only: says nothing about any workspace, so it needs no credentials."""
+        """Liveness only: says nothing about any workspace, so it needs no credentials. Once DuckDB has
+        invalidated the database (a failed checkpoint) the query raises and the answer is 503: only a restart
+        recovers, and failing liveness is how a supervisor learns it."""
+        probe = service.connection.cursor()
+        try:
+            probe.execute("SELECT 1")
+        finally:
+            probe.close()
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     # The web SDK calls from the page's origin with only x-mp-key; no cookies are involved.

@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from api.import_cli import add_import_command, import_command
 from api.sql_cli import add_sql_command, sql_command
 from engine.idsync import IdSyncService
+from engine.store import unwritable_reason
 
 DEFAULT_DB = str(Path.home() / ".local" / "share" / "idmesh" / "idmesh.duckdb")
 
@@ -46,11 +49,10 @@ def serve_command(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("idmesh: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     admin_token = os.environ.get("IDMESH_ADMIN_TOKEN")
     generated = admin_token is None
     admin_token = admin_token or secrets.token_urlsafe(24)
-    service = IdSyncService.open(args.db)
+    service = _open_service(args.db)
     config = _read_config(args.config) if args.config else {}
     created = asyncio.run(_ensure_workspaces(service, config.get("workspaces", [])))
     scheme = "https" if args.tls_cert else "http"
@@ -73,6 +75,23 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         service.close()
     return 0
+
+
+def _open_service(db: str) -> IdSyncService:
+    """Open the database, or exit (status 1) with one line saying why. A server that cannot write would look
+    healthy and answer every write with 503, so a read-only file or directory stops start-up instead."""
+    try:
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"idmesh: cannot create the directory for --db {db}: {exc.strerror}") from None
+    problem = unwritable_reason(db)
+    if problem is not None:
+        raise SystemExit(f"idmesh: cannot serve {db}: {problem}")
+    try:
+        return IdSyncService.open(db)
+    except (OSError, duckdb.IOException, duckdb.TransactionException, duckdb.FatalException) as exc:
+        # disk full or an I/O error while replaying the WAL or folding the journal left by the last run
+        raise SystemExit(f"idmesh: cannot open the database {db}: {str(exc).strip()}") from None
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import duckdb
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +57,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         code = _CODES_BY_STATUS.get(exc.status_code, "BAD_REQUEST")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(duckdb.FatalException)
+    async def database_failed(_: Request, exc: duckdb.FatalException) -> Response:
+        # DuckDB invalidates the database after a fatal error (a checkpoint that could not write the file or
+        # remove the WAL: disk full, read-only directory) and only a restart reopens it; /healthz fails too, so
+        # a supervisor restarts the server. The cause is in the server log (the writer logs the failed commit).
+        return error_response(503, "SERVICE_UNAVAILABLE", "the database failed and idmesh must be restarted; "
+                              "nothing is acknowledged until then")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from engine import event_journal, journal
 from engine.migrations import MIGRATIONS
+
+log = logging.getLogger("idmesh.store")
 
 
 def now_ms() -> int:
@@ -20,10 +25,31 @@ def open_database(path: str) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(path)
     # DuckDB checkpoints when the WAL passes this size, inside the commit that crosses it; with the default
     # 16 MB, ingest at full speed paid a checkpoint every second or so on its commit path. Start-up replays
-    # at most this much WAL.
-    connection.execute("SET checkpoint_threshold = '256MB'")
+    # at most this much WAL. IDMESH_CHECKPOINT_THRESHOLD overrides it (the fault tests force checkpoints).
+    threshold = os.environ.get("IDMESH_CHECKPOINT_THRESHOLD", "256MB")
+    try:
+        connection.execute("SET checkpoint_threshold = ?", [threshold])
+    except duckdb.Error as exc:
+        connection.close()
+        raise ValueError(f"IDMESH_CHECKPOINT_THRESHOLD={threshold!r} is not a size such as 256MB: {exc}") from None
     migrate(connection)
     return connection
+
+
+def unwritable_reason(path: str) -> str | None:
+    """Why the server could not write the database at `path`, or None. DuckDB opens a read-only file with an
+    error but a read-only directory without one, and fails only at the first commit, when it must create the
+    WAL beside the file; so both are checked before anything is served."""
+    database = Path(path)
+    directory = database.parent
+    if not directory.is_dir():
+        return f"the directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable (DuckDB creates its write-ahead log there)"
+    for file in (database, Path(path + ".wal")):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            return f"{file} cannot be read and written by this user"
+    return None
 
 
 def migrate(connection: duckdb.DuckDBPyConnection) -> None:
@@ -52,9 +78,15 @@ def fold(cur: duckdb.DuckDBPyConnection) -> None:
 
 def fold_journal_at_start(connection: duckdb.DuckDBPyConnection) -> None:
     """Fold what the last run left in the journal, so the writer starts from an empty one."""
+    left = connection.execute("SELECT count(*) FROM write_journal").fetchone()[0]
+    if not left:
+        return
+    started = time.monotonic()
+    log.info("folding %d write-journal rows left by the last run", left)
     connection.execute("BEGIN")
     fold(connection)
     connection.execute("COMMIT")
+    log.info("folded the write journal in %.1f s", time.monotonic() - started)
 
 
 BATCH_ROWS = 200_000

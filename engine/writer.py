@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
 import sys
 import threading
@@ -27,6 +28,9 @@ from engine import journal, store
 from engine.journal import journal_table
 
 log = logging.getLogger("idmesh.writer")
+
+# Journal rows that make a fold due; IDMESH_FOLD_ROWS overrides it (the fault tests fold all the time).
+FOLD_ROWS = int(os.environ.get("IDMESH_FOLD_ROWS", "50000"))
 
 
 @dataclass
@@ -53,7 +57,7 @@ class WriteBatch:
 
 class GroupCommitWriter:
     def __init__(self, connection: duckdb.DuckDBPyConnection, max_batches: int = 2000,
-                 fold_rows: int = 50_000, fold_seconds: float = 10.0) -> None:
+                 fold_rows: int = FOLD_ROWS, fold_seconds: float = 10.0) -> None:
         self._cursor = connection.cursor()
         self._next_seq = 1 + (connection.execute("SELECT coalesce(max(seq), 0) FROM write_journal").fetchone()[0])
         self._fold_rows = fold_rows
