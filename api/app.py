@@ -9,7 +9,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from api import ca_routes, events_routes, idsync_routes, import_routes, platform_routes, profile_routes, sql_routes
+from api import (
+    ca_routes,
+    dsr_routes,
+    events_routes,
+    idsync_routes,
+    import_routes,
+    platform_routes,
+    profile_routes,
+    sql_routes,
+)
 from api.background import start_background_jobs
 from api.body import add_body_schemas
 from api.errors import install_error_handlers
@@ -17,6 +26,7 @@ from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
 from engine.ca_engine import CalculatedAttributeEngine
 from engine.ca_registry import CalculatedAttributeRegistry
+from engine.dsr import DsrService
 from engine.idsync import IdSyncService
 from engine.ingest import EventIngestor
 
@@ -26,7 +36,7 @@ CA_TIME_POLL_SECONDS = 60
 def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        scheduler = start_background_jobs(service)
+        scheduler = start_background_jobs(service, app.state.dsr)
         # values that time alone changes (calculated attribute windows, future-stamped events)
         scheduler.add_job(ca_routes.refresh_time_driven, "interval", seconds=CA_TIME_POLL_SECONDS, args=[app],
                           id="calculated-attributes-time", max_instances=1, coalesce=True)
@@ -39,6 +49,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
                   description="Identity resolution speaking mParticle's IDSync wire format")
     app.state.service = service
     app.state.ingestor = EventIngestor(service)
+    app.state.dsr = DsrService.open(service)
     app.state.calculated = CalculatedAttributeRegistry()
     app.state.calculated.load(service.connection)
     app.state.calculation = CalculatedAttributeEngine(service.connection)
@@ -54,6 +65,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.include_router(import_routes.router)
     app.include_router(profile_routes.router)
     app.include_router(sql_routes.router)
+    app.include_router(dsr_routes.router)
     app.include_router(ca_routes.router)
 
     @app.get("/healthz", tags=["Health"])

@@ -114,6 +114,10 @@ class AliasLedger:
     def remember(self, record: AliasRecord) -> None:
         self._records.append(record)
 
+    def forget_profile(self, mpid: int) -> None:
+        """Drop every alias naming `mpid` (its erasure deletes them), so none is processed afterwards."""
+        self._records = [r for r in self._records if mpid not in (r.source_mpid, r.destination_mpid)]
+
     def _check_rules(self, workspace_id: str, source: int, destination: int, start: int, end: int) -> None:
         for earlier in self.for_workspace(workspace_id):
             if earlier.status == "unaliased":

@@ -71,6 +71,14 @@ class IdentityGraph:
         for identity_type, value in record.identity_keys():
             self.index_add(identity_type, value, record.mpid)
 
+    def remove_profile(self, mpid: int) -> ProfileRecord | None:
+        """Forget a profile and its index entries (erasure); returns the record it held, if any."""
+        record = self.profiles.pop(mpid, None)
+        if record is not None:
+            for identity_type, value in record.identity_keys():
+                self._index_remove(identity_type, value, mpid)
+        return record
+
     def add_identity(self, mpid: int, identity_type: str, value: str) -> None:
         record = self.profiles[mpid]
         identity_type = sys.intern(identity_type)

@@ -25,6 +25,7 @@ from engine.graph_loader import build_graphs
 from engine.identity_types import ALL_IDENTITY_TYPES
 from engine.secrets import MasterKey
 from engine.store import fold_journal_at_start, now_ms, open_database, read_graph_snapshot
+from engine.tombstones import TombstoneIndex
 from engine.workspaces import Workspace, WorkspaceRegistry
 from engine.writer import GroupCommitWriter, WriteBatch
 from strategies.lookup import priority_walk
@@ -80,6 +81,8 @@ class IdSyncService:
         self.reload_graphs()
         self.aliases = AliasLedger()
         self.aliases.load(connection)
+        self.tombstones = TombstoneIndex(master_key.derive("erasure tombstones"))
+        self.tombstones.load(connection)
 
     @classmethod
     def open(cls, db_path: str) -> IdSyncService:
@@ -157,6 +160,8 @@ class IdSyncService:
             if identity_type not in workspace.settings.identity_priority:
                 continue  # B§8: profiles hold only the types of the workspace's identity hierarchy
             value = workspace.normalizer.normalize(identity_type, raw)
+            if value is not None and self.tombstones.holds(workspace.scope, identity_type, value):
+                continue  # erased by a data subject request: ignored like a blocked value (engine/tombstones.py)
             if value is not None:
                 parsed.normalized[identity_type] = value
                 parsed.raw[identity_type] = str(raw)
@@ -336,6 +341,8 @@ class IdSyncService:
             old = workspace.normalizer.normalize(identity_type, change.get("old_value"))
             raw_new = change.get("new_value")
             new = workspace.normalizer.normalize(identity_type, raw_new)
+            if new is not None and self.tombstones.holds(workspace.scope, identity_type, new):
+                new = None  # erased by a data subject request: refused like a blocked value
             if raw_new is not None and new is None:
                 raise BadRequest(f"{path}.new_value is empty or a blocked value", field=f"{path}.new_value")
             if identity_type in workspace.rules.immutable_ids and identity_type in held_types \

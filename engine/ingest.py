@@ -67,8 +67,10 @@ class EventIngestor:
         """The batches carry their replay keys, so start-up reads two integer columns, not every id."""
         cursor = self.service.connection.cursor()
         try:
+            # erased_replay_keys: the keys of batches an erasure deleted (engine/erasure.py), still replays
             table = cursor.sql("SELECT batch_key AS key FROM batches UNION ALL "
-                               "SELECT request_key FROM batches WHERE request_key IS NOT NULL").to_arrow_table()
+                               "SELECT request_key FROM batches WHERE request_key IS NOT NULL UNION ALL "
+                               "SELECT replay_key FROM erased_replay_keys").to_arrow_table()
             self._seen = set(table.column("key").to_pylist())
         finally:
             cursor.close()

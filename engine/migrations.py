@@ -6,7 +6,7 @@ Writes land in `write_journal` and are folded into the `*_base` tables; the publ
 
 from __future__ import annotations
 
-from engine import ca_schema, event_journal
+from engine import ca_schema, dsr_store, event_journal
 from engine.journal import JOURNAL_DDL, view_statements
 
 _COMMENTS = """
@@ -101,6 +101,7 @@ CREATE TABLE hub_values_base (
 """ + JOURNAL_DDL + ";\n".join(view_statements()) + ";\n" + _COMMENTS),
     (2, "events, user attributes, consent", event_journal.TABLES_DDL + ";\n".join(event_journal.view_statements())
      + ";\n" + event_journal.COMMENTS),
+    (3, "data subject requests, erasure tombstones", dsr_store.TABLES_DDL),
     (4, "calculated attributes", ca_schema.DEFINITIONS_DDL + ca_schema.VALUES_DDL),
     (5, "calculated attribute seeds", ca_schema.SEEDS_DDL),
 ]

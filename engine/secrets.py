@@ -37,6 +37,12 @@ def secret_matches(secret: str, secret_hash: str) -> bool:
 class MasterKey:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
+        self._key = key
+
+    def derive(self, purpose: str) -> bytes:
+        """A 256-bit key for one purpose (e.g. the erasure tombstones' salt), tied to this deployment's key and
+        kept out of the database like it; different purposes never share a key."""
+        return hmac.new(self._key, b"idmesh key for " + purpose.encode(), hashlib.sha256).digest()
 
     @classmethod
     def for_database(cls, db_path: str) -> MasterKey:

@@ -237,7 +237,7 @@ def test_sigkill_during_startup_fold_and_graph_load_loses_nothing(tmp_path: Path
     """Kill while start-up folds the journal a dead run left, then while it loads the identity graphs; the third
     start serves the generated profiles, and the file holds exactly the profiles and identities it held before."""
     db_path = tmp_path / "db.duckdb"
-    profiles, journaled = 300_000, 100_000
+    profiles, journaled = 200_000, 60_000
     workspace, before = generate_population(db_path, profiles, journaled, {"strategy": "profile_conversion"})
     assert before[0] == profiles + journaled and before[2] == 2 * profiles + journaled
 
