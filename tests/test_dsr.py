@@ -84,6 +84,16 @@ def workspace(server: LiveServer) -> Iterator[tuple[IdSyncClient, Controller]]:
     controller.http.close()
 
 
+@pytest.fixture(scope="module")
+def one_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Controller]]:
+    """One server for the many requests that must change nothing."""
+    server = LiveServer(tmp_path_factory.mktemp("dsr") / "idmesh.duckdb").start()
+    controller = Controller(server, server.create_workspace())
+    yield server, controller
+    controller.http.close()
+    server.stop()
+
+
 def send(client: IdSyncClient, batch: dict[str, Any]) -> httpx.Response:
     return client.call("/v2/events", batch)
 
@@ -378,8 +388,8 @@ def test_duplicate_ids_ambiguous_and_unknown_identities(server: LiveServer, work
     ({"group_id": 7}, "group_id"),
     ({"extensions": []}, "extensions"),
 ])
-def test_validation_errors_name_the_field_and_store_nothing(server: LiveServer, workspace, change, field):
-    _, controller = workspace
+def test_validation_errors_name_the_field_and_store_nothing(one_server: tuple[LiveServer, Controller], change, field):
+    server, controller = one_server
     response = controller.submit({**request_body({"email": "v@example.com"}), **change})
     assert response.status_code == 400, response.text
     assert response.json()["errors"][0]["field"] == field
