@@ -3,10 +3,10 @@ and keep only what stops their data from coming back.
 
 What goes: the profile, its identities, its identity_changes rows, aliases and alias effects naming its MPID,
 its user attributes, consent and consent history, its events and the alias copies of them on other profiles,
-its batches (their envelopes hold identities and attributes), access exports made for it, and the MPID and
-identities in any stored request. Rows of *other* profiles that name the person lose those names: the MPID in
-`identity_changes.other_mpid` and in reasons, the person's values in `identity_changes.value`. A quarantined
-hub value goes only if no other profile holds it.
+its batches (their envelopes hold identities and attributes), its calculated attribute values and seeds, access
+exports made for it, and the MPID and identities in any stored request. Rows of *other* profiles that name the
+person lose those names: the MPID in `identity_changes.other_mpid` and in reasons, the person's values in
+`identity_changes.value`. A quarantined hub value goes only if no other profile holds it.
 
 What stays: a tombstone per erased identity (engine/tombstones.py) so a later identify, login, modify or batch
 ignores it, and the replay keys of the deleted batches (already 64-bit digests) so replaying them stores
@@ -47,6 +47,8 @@ _DELETES = (
     ("user_attributes_base", "mpid = $1"),
     ("consent_history_base", "mpid = $1"),
     ("dsr_exports", "mpid = $1"),
+    ("calculated_attribute_values", "mpid = $1"),
+    ("calculated_attribute_seeds", "mpid = $1"),
 )
 
 _KEYS = "(SELECT unnest($1::VARCHAR[]) AS t, unnest($2::VARCHAR[]) AS v) AS k"  # $3: the scope

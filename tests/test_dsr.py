@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 from live_server import IdSyncClient, LiveServer, WorkspaceCredentials
 
+from api.ca_routes import background_idle
+
 DAY_MS = 86_400_000
 
 
@@ -141,6 +143,12 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     stored(send(client, {"mpid": bob, "batch_id": "bob-batch-1", "user_attributes": {"$firstname": "Bob"},
                          "consent_state": {"gdpr": {"marketing": {"consented": False, "timestamp_unixtime_ms": now}}},
                          "events": [{"event_type": "custom_event", "data": {"event_name": "bob-visit"}}]}))
+    base = f"/platform/v2/workspaces/{server.service.workspaces.by_api_key(controller.auth[0]).id}/calculatedattributes"
+    created = client.http.post(base, json={"name": "custom events", "draft_definition": {
+        "calculation_type": "count", "data_point": {"event_type": "custom_event"}}}, auth=client.auth)
+    assert client.http.post(f"{base}/{created.json()['id']}/activation", auth=client.auth).status_code == 204
+    on_server(server, background_idle(server.app.state.background_tasks))
+    assert server.query("SELECT count(*) FROM calculated_attribute_values WHERE mpid = ?", int(ann)) == [(1,)]
     access = controller.submitted({"email": "ann.erased@example.com"}, "access")
     assert controller.process() == 1 and controller.export(access).status_code == 200
     waiting = controller.submitted({"customer_id": "ann-cust-77"}, "portability", skip_waiting_period=False)
@@ -148,7 +156,7 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     needles = [ann, "ann-cust-77", "Ann.Erased@Example.COM", "ann.erased@example.com", "+44 7700 900123",
                "+447700900123", "Annabel-Erased", "ann-consent-doc", "ann-purchase", "ann-batch-1", "ann-req-1"]
     before = {name for name, _ in text_hits(server, needles)}
-    assert {"profiles", "identities", "identity_changes", "aliases", "events", "batches",
+    assert {"profiles", "identities", "calculated_attribute_values", "identity_changes", "aliases", "events", "batches",
             "user_attributes", "consent_history", "consent", "dsr_exports", "dsr_requests"} <= before
 
     erasure = controller.submitted({"email": "ann.erased@example.com", "controller_customer_id": "ann-cust-77"})
@@ -164,6 +172,7 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert server.query("SELECT value FROM user_attributes WHERE mpid = ?", int(bob)) == [('"Bob"',)]
     assert server.query("SELECT consented FROM consent WHERE mpid = ?", int(bob)) == [(False,)]
     assert server.query("SELECT count(*) FROM batches WHERE mpid = ?", int(bob)) == [(1,)]
+    assert server.query("SELECT value FROM calculated_attribute_values WHERE mpid = ?", int(bob)) == [("1",)]
     assert server.query("SELECT change, value, reason FROM identity_changes WHERE mpid = ? AND change = 'skip'",
                         int(bob)) == [("skip", None, "unique value held by profile (erased)")]
     assert server.query("SELECT identity_type, value FROM identities WHERE mpid = ?", int(anonymous)) == [
