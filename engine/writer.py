@@ -119,7 +119,7 @@ class GroupCommitWriter:
         accepted = []
         for batch, future, epoch in group:
             if self.failed is not None or epoch != self._epoch:
-                future.set_exception(RuntimeError("an earlier write failed; state is being rebuilt"))
+                _settle(future, RuntimeError("an earlier write failed; state is being rebuilt"))
                 continue
             merged.extend(batch)
             accepted.append((batch, future, epoch))
@@ -136,10 +136,10 @@ class GroupCommitWriter:
             except duckdb.Error:
                 pass
             for _, future, _ in group:
-                future.set_exception(exc)
+                _settle(future, exc)
             return
         for _, future, _ in group:
-            future.set_result(None)
+            _settle(future, None)
 
     def _write(self, batch: WriteBatch) -> None:
         cur = self._cursor
@@ -171,6 +171,17 @@ class GroupCommitWriter:
         if self._journal_rows >= self._fold_rows:
             return True
         return self._oldest_unfolded is not None and time.monotonic() - self._oldest_unfolded > self._fold_seconds
+
+
+def _settle(future: concurrent.futures.Future[None], error: Exception | None) -> None:
+    """Resolve a waiter's future; one its waiter cancelled (a task cancelled at shutdown) must not kill the writer."""
+    try:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class JournalFolder:

@@ -46,3 +46,21 @@ def test_views_before_a_fold_equal_the_base_tables_after_it(tmp_path):
     assert connection.execute("SELECT count(*) FROM write_journal").fetchone()[0] == 0
     assert view_state(connection) == before
     writer.close()
+
+
+def test_a_cancelled_waiter_does_not_stop_the_writer(tmp_path):
+    """A request task cancelled while it waits (shutdown, a client gone) leaves a cancelled future behind."""
+    connection = duckdb.connect(str(tmp_path / "c.duckdb"))
+    migrate(connection)
+    writer = GroupCommitWriter(connection)
+    try:
+        abandoned = WriteBatch()
+        abandoned.add(journal.PROFILE, ("ws", 1, 1, 1, 1, "active"))
+        writer.submit(abandoned).cancel()
+        later = WriteBatch()
+        later.add(journal.PROFILE, ("ws", 2, 1, 1, 1, "active"))
+        writer.submit(later).result(timeout=30)
+        assert sorted(r[0] for r in connection.cursor().execute("SELECT mpid FROM profiles").fetchall()) == [1, 2]
+    finally:
+        writer.close()
+        connection.close()
