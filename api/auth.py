@@ -64,7 +64,8 @@ async def _check_signature(request: Request, service: IdSyncService, workspace: 
     for signed_path in candidates:
         message = f"{request.method}\n{date}\n{signed_path}{body}".encode()
         expected = hmac.new(secret, message, hashlib.sha256).hexdigest()
-        if hmac.compare_digest(expected, signature.strip().lower()):
+        # as bytes: compare_digest refuses str with non-ASCII characters, and the header may hold any latin-1
+        if hmac.compare_digest(expected.encode(), signature.strip().lower().encode()):
             return
     raise Unauthorized("the request signature does not match")
 

@@ -15,6 +15,8 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from api.auth import admin_or_own_workspace, check_admin
+from api.body import body_schema
+from api.models import CalculatedAttributeBody, CaSeedsBody
 from api.responses import json_response, service_of
 from engine.ca_engine import CalculatedAttributeEngine, seed_statement
 from engine.ca_registry import CalculatedAttribute, CalculatedAttributeRegistry
@@ -70,7 +72,7 @@ async def any_calculated_attribute(request: Request, workspace_id: str, name: st
     return Response(status_code=204 if registry_of(request).list(workspace.id, name) else 404)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, openapi_extra=body_schema(CalculatedAttributeBody))
 async def create_calculated_attribute(request: Request, workspace_id: str) -> Response:
     workspace = await admin_or_own_workspace(request, workspace_id)
     ca = await _commit(request, registry_of(request).plan_create(workspace.id, await _body(request)))
@@ -83,7 +85,7 @@ async def get_calculated_attribute(request: Request, workspace_id: str, ca_id: s
     return json_response(registry_of(request).get(workspace.id, _ca_id(ca_id)).public_json())
 
 
-@router.put("/{ca_id}", status_code=204)
+@router.put("/{ca_id}", status_code=204, openapi_extra=body_schema(CalculatedAttributeBody))
 async def update_calculated_attribute(request: Request, workspace_id: str, ca_id: str) -> Response:
     """Changes the draft (and the name before the first activation, the description always)."""
     workspace = await admin_or_own_workspace(request, workspace_id)
@@ -128,7 +130,7 @@ async def activation(request: Request, workspace_id: str, ca_id: str) -> Respons
                           "activated_by": ca.activated_by})
 
 
-@router.post("/{ca_id}/seeds", status_code=202)
+@router.post("/{ca_id}/seeds", status_code=202, openapi_extra=body_schema(CaSeedsBody))
 async def seed(request: Request, workspace_id: str, ca_id: str) -> Response:
     """Starting values as of a date, `{"seeds": [{"mpid", "value", "as_of", "count"?, "values"?}]}`: events up to
     `as_of` are covered by the seed; later ones combine with it (engine/ca_seeds.py)."""

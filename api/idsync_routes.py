@@ -90,13 +90,16 @@ def _alias_json(record: AliasRecord) -> dict[str, Any]:
             "end_unixtime_ms": record.end_ms}
 
 
-@router.post("/v1/identity/{api_key}/alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
+# response_class: the document then shows a 202 without a body, which is what the SDKs get
+@router.post("/v1/identity/{api_key}/alias", status_code=202, response_class=Response,
+             openapi_extra=body_schema(AliasRequestBody))
 async def alias_from_native_sdk(request: Request, api_key: str) -> Response:
     await _alias(request, api_key)
     return Response(status_code=202)  # the SDKs expect no body
 
 
-@router.post("/v1/identity/{api_key}/Alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
+@router.post("/v1/identity/{api_key}/Alias", status_code=202, response_class=Response,
+             openapi_extra=body_schema(AliasRequestBody))
 async def alias_from_web_sdk(request: Request, api_key: str) -> Response:
     await _alias(request, api_key)
     return Response(status_code=202)

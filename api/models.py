@@ -3,11 +3,19 @@ are ignored, missing keys mean null, MPIDs may be strings or numbers."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.ca_definitions import CALCULATION_TYPES, EVENT_TYPES_FOR_CA, OPERATORS
+from engine.event_batches import EVENT_TYPES, USER_IDENTITY_KEYS
+from engine.identity_types import ALL_IDENTITY_TYPES
 
 IdentityValue = str | int | None
+
+# Documentation only (json_schema_extra): the engine checks these names and answers 400 naming the field, so the
+# OpenAPI document states them and fuzzers generate requests that get past the first check.
+_IDENTITY_TYPE = {"enum": sorted(ALL_IDENTITY_TYPES)}
 
 
 class IdentityRequest(BaseModel):
@@ -20,7 +28,7 @@ class IdentityRequest(BaseModel):
     requestId: str | None = None  # Roku's spelling
     request_timestamp_ms: int | None = None
     previous_mpid: str | int | None = None
-    known_identities: dict[str, IdentityValue]
+    known_identities: dict[str, IdentityValue] = Field(json_schema_extra={"propertyNames": _IDENTITY_TYPE})
 
     def effective_request_id(self) -> str | None:
         return self.request_id or self.requestId
@@ -33,7 +41,7 @@ class SearchRequest(IdentityRequest):
 class IdentityChangeBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    identity_type: str
+    identity_type: str = Field(json_schema_extra=_IDENTITY_TYPE)
     old_value: IdentityValue = None
     new_value: IdentityValue = None
 
@@ -99,7 +107,7 @@ class EventModel(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    event_type: str
+    event_type: str = Field(json_schema_extra={"enum": sorted(EVENT_TYPES)})
     data: dict | None = None
 
 
@@ -110,7 +118,8 @@ class EventBatch(BaseModel):
 
     events: list[EventModel] | None = None
     mpid: str | int | None = None
-    user_identities: dict[str, str | None] | None = None
+    user_identities: dict[str, str | None] | None = Field(
+        None, json_schema_extra={"propertyNames": {"enum": sorted(USER_IDENTITY_KEYS)}})
     device_info: dict | None = None
     application_info: dict | None = None
     user_attributes: dict | None = None
@@ -121,3 +130,64 @@ class EventBatch(BaseModel):
     source_request_id: str | None = None
     timestamp_unixtime_ms: int | None = None
     mp_deviceid: str | None = None
+
+
+# --- calculated attributes: documentation only, engine/ca_registry.py, ca_definitions.py and ca_seeds.py validate --
+
+class CaDataPoint(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    event_type: Literal[tuple(sorted(EVENT_TYPES_FOR_CA))] | None = None  # type: ignore[valid-type]
+    event_name: str | None = None
+    attribute_name: str | None = Field(None, description="a custom attribute, or data.<path> into the event's data")
+
+
+class CaCondition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    attribute_name: str
+    operator: Literal[tuple(OPERATORS)]  # type: ignore[valid-type]
+    value_type: Literal["string", "number", "boolean"] | None = None
+    values: list[str | float | bool] = []
+
+
+class CaTimePeriod(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["all_time", "within_last", "since"] = "all_time"
+    value: int | None = Field(None, description="within_last: how many units, 1 to 10000")
+    unit: Literal["hours", "days"] | None = None
+    date: str | int | None = Field(None, description="since: an ISO 8601 date or a unix time in milliseconds")
+
+
+class CaDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    calculation_type: Literal[tuple(sorted(CALCULATION_TYPES))]  # type: ignore[valid-type]
+    data_point: CaDataPoint
+    conditions: list[CaCondition] | None = None
+    time_period: CaTimePeriod | None = None
+
+
+class CalculatedAttributeBody(BaseModel):
+    """POST creates with `name` and `draft_definition`; PUT changes any of the three."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    description: str | None = None
+    draft_definition: CaDefinition | None = None
+
+
+class CaSeed(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mpid: str | int
+    value: Any = None
+    as_of: str | int
+    count: int | None = None
+    values: list[str] | None = None
+
+
+class CaSeedsBody(BaseModel):
+    seeds: list[CaSeed]

@@ -8,6 +8,8 @@ import time
 from engine.errors import Throttled
 from engine.settings import RateLimit
 
+MAX_RETRY_AFTER_S = (1 << 31) - 1  # what clients that read Retry-After as a 32-bit integer can hold
+
 
 class TokenBuckets:
     def __init__(self) -> None:
@@ -21,6 +23,7 @@ class TokenBuckets:
         tokens = min(float(limit.burst), tokens + (now - last) * limit.requests_per_second)
         if tokens < 1.0:
             self._state[workspace_id] = (tokens, now)
-            wait = math.ceil((1.0 - tokens) / limit.requests_per_second)
+            # capped: with a tiny rate the division overflows to infinity, which has no integer ceiling
+            wait = math.ceil(min((1.0 - tokens) / limit.requests_per_second, MAX_RETRY_AFTER_S))
             raise Throttled("rate limit exceeded for this workspace", retry_after_s=max(1, wait))
         self._state[workspace_id] = (tokens - 1.0, now)

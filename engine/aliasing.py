@@ -20,6 +20,7 @@ import duckdb
 
 from engine import journal
 from engine.errors import BadRequest, NotFound
+from engine.event_batches import MAX_TIMESTAMP_MS
 from engine.store import now_ms
 from engine.workspaces import Workspace
 from engine.writer import WriteBatch
@@ -148,7 +149,7 @@ def _time(data: Mapping[str, Any], key: str, default: int) -> int:
     value = data.get(key)
     if value is None or value == 0:
         return default  # Android omits a zero time; both mean "use the default"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMESTAMP_MS:
         raise BadRequest(f"data.{key} must be a unix time in milliseconds", field=f"data.{key}")
     return value
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.errors import BadRequest
+from engine.event_batches import MAX_TIMESTAMP_MS
 
 CALCULATION_TYPES = frozenset({
     "count", "sum", "min", "max", "average", "first_occurrence", "last_occurrence", "first_occurrence_timestamp",
@@ -97,7 +98,7 @@ def parse_definition(raw: Any, path: str = "definition") -> Definition:
     if not isinstance(raw, Mapping):
         raise BadRequest(f"{path} must be an object", field=path)
     calculation = raw.get("calculation_type")
-    if calculation not in CALCULATION_TYPES:
+    if not isinstance(calculation, str) or calculation not in CALCULATION_TYPES:  # a list is unhashable
         raise BadRequest(f"{path}.calculation_type must be one of {', '.join(sorted(CALCULATION_TYPES))}",
                          field=f"{path}.calculation_type")
     data_point = _data_point(raw.get("data_point"), f"{path}.data_point")
@@ -146,13 +147,13 @@ def _condition(raw: Any, path: str) -> Condition:
         raise BadRequest(f"{path} must be an object", field=path)
     attribute = _attribute(raw, "attribute_name", path, required=True)
     operator = raw.get("operator")
-    if operator not in OPERATORS:
+    if not isinstance(operator, str) or operator not in OPERATORS:
         raise BadRequest(f"{path}.operator must be one of {', '.join(OPERATORS)}", field=f"{path}.operator")
     values = raw.get("values", [])
     if not isinstance(values, list):
         raise BadRequest(f"{path}.values must be a list", field=f"{path}.values")
     value_type = raw.get("value_type") or _infer_type(values)
-    if value_type not in OPERATORS[operator]:
+    if not isinstance(value_type, str) or value_type not in OPERATORS[operator]:
         raise BadRequest(f"{path}: operator {operator} does not compare {value_type} values "
                          f"(it takes {', '.join(sorted(OPERATORS[operator]))})", field=f"{path}.operator")
     wanted = _VALUE_COUNT.get(operator)
@@ -205,7 +206,8 @@ def _time_period(raw: Any, path: str) -> TimePeriod:
 
 def date_ms(value: Any, path: str) -> int:
     """A unix time in milliseconds, or an ISO 8601 date / date-time (UTC unless it says otherwise)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    # bounded: the seeds table stores it as BIGINT, and a larger one failed the commit (and its neighbours')
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TIMESTAMP_MS:
         return value
     if isinstance(value, str):
         try:

@@ -54,7 +54,8 @@ def _seed(raw: Any, path: str, calculation: str) -> Seed:
     value = raw.get("value")
     _check_value(value, calculation, f"{path}.value")
     count = raw.get("count")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+    # below 2**63: the seeds table stores it as BIGINT, and a larger one failed the commit (and its neighbours')
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count < 1 << 63):
         raise BadRequest(f"{path}.count must be a positive integer", field=f"{path}.count")
     if calculation == "average" and count is None:
         raise BadRequest(f"{path}.count is required to seed an average", field=f"{path}.count")

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from engine.event_batches import DEVICE_IDENTITY_KEYS, USER_IDENTITY_KEYS
+from engine.event_batches import DEVICE_IDENTITY_KEYS, MAX_TIMESTAMP_MS, USER_IDENTITY_KEYS
 from engine.ingest import MAX_BATCH_BYTES, BatchOutcome, EventIngestor
 from engine.workspaces import Workspace
 
@@ -110,16 +110,28 @@ def _text(cell: str) -> str:
     return cell
 
 
+def _int64(text: str) -> int | None:
+    """A whole number's value, or None when it needs more than 64 bits: orjson cannot write it (a row holding one
+    stopped the whole import), and the store's integer columns could not hold it."""
+    if len(text.lstrip("-").lstrip("0")) > 19:
+        return None  # checked before int(), which refuses more than 4300 digits with a message of its own
+    value = int(text)
+    return value if -(1 << 63) <= value < (1 << 63) else None
+
+
 def _integer(cell: str) -> int:
-    if not _INTEGER.fullmatch(cell.strip()):
-        raise ValueError("must be a whole number")
-    return int(cell)
+    value = _int64(cell.strip()) if _INTEGER.fullmatch(cell.strip()) else None
+    if value is None:
+        raise ValueError("must be a whole number of at most 64 bits")
+    return value
 
 
 def _number(cell: str) -> int | float:
     value = cell.strip()
-    if _INTEGER.fullmatch(value):
-        return int(value)
+    whole = _int64(value) if _INTEGER.fullmatch(value) else None
+    if whole is not None:
+        return whole
+    # past 64 bits a whole number becomes a float, as orjson reads a JSON integer that size
     if not _DECIMAL.fullmatch(value) or not math.isfinite(float(value)):
         raise ValueError("must be a number")
     return float(value)
@@ -127,9 +139,10 @@ def _number(cell: str) -> int | float:
 
 def _timestamp(cell: str) -> int:
     value = cell.strip()
-    if not value.isdigit() or not value.isascii():
+    stamp = _int64(value) if value.isdigit() and value.isascii() else None
+    if stamp is None or stamp > MAX_TIMESTAMP_MS:
         raise ValueError("must be a unix time in milliseconds")
-    return int(value)
+    return stamp
 
 
 def _mpid(cell: str) -> int:

@@ -37,6 +37,9 @@ DEVICE_IDENTITY_KEYS: dict[str, str] = {
 MAX_ATTRIBUTE_NAME = 256
 MAX_ATTRIBUTE_STRING = 4096
 MAX_ATTRIBUTE_LIST = 1000
+# Up to 2**53 (the year 287,396) a unix time in ms is exact as a double, and the views read timestamps through
+# DOUBLE into BIGINT columns: a larger one would be stored and then break every read and fold of its rows.
+MAX_TIMESTAMP_MS = 1 << 53
 
 
 @dataclass
@@ -126,7 +129,7 @@ def _plainly_valid(event: Any) -> bool:
     if type(event_type) is not str or event_type not in EVENT_TYPES or type(data) is not dict:
         return False
     timestamp = data.get("timestamp_unixtime_ms")
-    if timestamp is not None and (type(timestamp) is not int or timestamp < 0):
+    if timestamp is not None and (type(timestamp) is not int or not 0 <= timestamp <= MAX_TIMESTAMP_MS):
         return False
     attributes = data.get("custom_attributes")
     if attributes is not None and type(attributes) is not dict:
@@ -196,7 +199,7 @@ def _required_text(data: Mapping[str, Any], key: str, path: str) -> None:
 def _timestamp(value: Any, path: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMESTAMP_MS:
         raise BadRequest(f"{path} must be a unix time in milliseconds", field=path)
     return int(value)
 

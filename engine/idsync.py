@@ -328,7 +328,7 @@ class IdSyncService:
             if not isinstance(change, Mapping):
                 raise BadRequest(f"{path} must be an object", field=path)
             identity_type = change.get("identity_type")
-            if identity_type not in ALL_IDENTITY_TYPES:
+            if not isinstance(identity_type, str) or identity_type not in ALL_IDENTITY_TYPES:  # a list is unhashable
                 raise BadRequest(f"{path}.identity_type {identity_type!r} is not an identity type",
                                  field=f"{path}.identity_type")
             if identity_type not in workspace.settings.identity_priority:

@@ -16,6 +16,12 @@ from engine.normalize import NORMALIZATION_STEPS, IdentityNormalizer, default_no
 
 STRATEGIES = ("default", "profile_conversion", "profile_link", "profile_isolation", "best_match")
 
+# Upper bounds that keep the numbers derived from settings inside the store's 64-bit integers (and orjson's):
+# absurd values were accepted and then failed the commit of every alias, or every answer listing the workspace.
+MAX_BURST = 10**12
+MAX_ALIAS_DELAY_SECONDS = 100 * 365 * 86_400
+MAX_ALIAS_WINDOW_DAYS = 100 * 365
+
 # Spec B§9: login and unique ids each strategy starts from when settings name only the strategy.
 STRATEGY_ID_DEFAULTS: dict[str, tuple[str, ...]] = {
     "default": ("customerid",),
@@ -107,7 +113,7 @@ def parse_settings(raw: Mapping[str, Any] | None) -> WorkspaceSettings:
         path = f"settings.normalization.{identity_type}"
         if identity_type not in ALL_IDENTITY_TYPES:
             raise BadRequest(f"{path}: unknown identity type", field=path)
-        if not isinstance(steps, list) or any(s not in NORMALIZATION_STEPS for s in steps):
+        if not isinstance(steps, list) or any(not isinstance(s, str) or s not in NORMALIZATION_STEPS for s in steps):
             raise BadRequest(f"{path} must be a list drawn from {', '.join(NORMALIZATION_STEPS)}", field=path)
         normalization[identity_type] = steps
     blocked_values = _string_list(raw, "blocked_values")
@@ -115,7 +121,7 @@ def parse_settings(raw: Mapping[str, Any] | None) -> WorkspaceSettings:
     for pattern in blocked_patterns:
         try:
             re.compile(pattern)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:  # OverflowError: a repeat count like {99999999999}
             raise BadRequest(f"settings.blocked_patterns: {pattern!r} is not a regular expression ({exc})",
                              field="settings.blocked_patterns") from None
     hub_limit = raw.get("hub_limit", 10)
@@ -173,8 +179,9 @@ def _rate_limit(value: Any) -> RateLimit | None:
     if not isinstance(rps, (int, float)) or isinstance(rps, bool) or rps <= 0:
         raise BadRequest("settings.rate_limit.requests_per_second must be a positive number",
                          field="settings.rate_limit.requests_per_second")
-    if not isinstance(burst, (int, float)) or isinstance(burst, bool) or burst < 1:
-        raise BadRequest("settings.rate_limit.burst must be a number >= 1", field="settings.rate_limit.burst")
+    if not isinstance(burst, (int, float)) or isinstance(burst, bool) or not 1 <= burst <= MAX_BURST:
+        raise BadRequest(f"settings.rate_limit.burst must be a number from 1 to {MAX_BURST:,}",
+                         field="settings.rate_limit.burst")
     return RateLimit(float(rps), int(burst))
 
 
@@ -185,9 +192,10 @@ def _alias_settings(value: Any) -> AliasSettings:
         raise BadRequest("settings.alias must be an object", field="settings.alias")
     delay = value.get("delay_seconds", 0)
     window = value.get("max_window_days", 90)
-    if not _is_int(delay) or delay < 0:
-        raise BadRequest("settings.alias.delay_seconds must be an integer >= 0", field="settings.alias.delay_seconds")
-    if not _is_int(window) or window < 1:
-        raise BadRequest("settings.alias.max_window_days must be an integer >= 1",
+    if not _is_int(delay) or not 0 <= delay <= MAX_ALIAS_DELAY_SECONDS:
+        raise BadRequest(f"settings.alias.delay_seconds must be an integer from 0 to {MAX_ALIAS_DELAY_SECONDS:,}",
+                         field="settings.alias.delay_seconds")
+    if not _is_int(window) or not 1 <= window <= MAX_ALIAS_WINDOW_DAYS:
+        raise BadRequest(f"settings.alias.max_window_days must be an integer from 1 to {MAX_ALIAS_WINDOW_DAYS:,}",
                          field="settings.alias.max_window_days")
     return AliasSettings(delay, window)
