@@ -20,8 +20,8 @@ from strategies.model import Operation
 router = APIRouter(tags=["IDSync"])
 
 
-async def _workspace(request: Request, key_in_path: str | None = None) -> Workspace:
-    workspace = await authenticate_workspace(request, service_of(request), key_in_path)
+async def _workspace(request: Request, key_in_path: str | None = None, allow_key_only: bool = True) -> Workspace:
+    workspace = await authenticate_workspace(request, service_of(request), key_in_path, allow_key_only)
     request.app.state.buckets.take(workspace.id, workspace.settings.rate_limit)
     return workspace
 
@@ -76,8 +76,8 @@ async def modify(request: Request, mpid: str) -> Response:
                                      for r in results]})
 
 
-async def _alias(request: Request, key_in_path: str | None) -> AliasRecord:
-    workspace = await _workspace(request, key_in_path)
+async def _alias(request: Request, key_in_path: str | None, allow_key_only: bool = True) -> AliasRecord:
+    workspace = await _workspace(request, key_in_path, allow_key_only)
     body = await parse_body(request, AliasRequestBody)
     if body.api_key is not None and body.api_key != workspace.api_key:
         raise BadRequest("api_key does not match the credentials used", field="api_key")
@@ -107,8 +107,9 @@ async def alias_from_web_sdk(request: Request, api_key: str) -> Response:
 
 @router.post("/v1/alias", status_code=202, openapi_extra=body_schema(AliasRequestBody))
 async def alias_server_to_server(request: Request) -> Response:
-    """Server to server: the answer names the alias, so it can be undone with /v1/unalias."""
-    return json_response(_alias_json(await _alias(request, None)), status=202)
+    """Server to server: the answer names the alias, so it can be undone with /v1/unalias. Only the SDK paths
+    above take a key alone: no SDK calls this one, so a client key, which is public, must not reach it."""
+    return json_response(_alias_json(await _alias(request, None, allow_key_only=False)), status=202)
 
 
 @router.post("/v1/unalias", openapi_extra=body_schema(UnaliasRequestBody))
