@@ -40,6 +40,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
         # values that time alone changes (calculated attribute windows, future-stamped events)
         scheduler.add_job(ca_routes.refresh_time_driven, "interval", seconds=CA_TIME_POLL_SECONDS, args=[app],
                           id="calculated-attributes-time", max_instances=1, coalesce=True)
+        ca_routes.recompute_after_start(app)
         try:
             yield
         finally:

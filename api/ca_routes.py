@@ -100,8 +100,14 @@ async def delete_calculated_attribute(request: Request, workspace_id: str, ca_id
     batch = registry_of(request).plan_delete(workspace.id, number)
     for table in ("calculated_attribute_values", "calculated_attribute_seeds"):
         batch.statements.append(lambda cur, table=table: cur.execute(f"DELETE FROM {table} WHERE ca_id = ?", [number]))
-    await service_of(request).commit(batch)
-    registry_of(request).remember(None, forget_id=number)
+    # a running computation writes the same value rows in its own transaction: wait for it, or the two conflict
+    lock = engine_of(request).status_of(number).lock
+    await asyncio.to_thread(lock.acquire)
+    try:
+        await service_of(request).commit(batch)
+        registry_of(request).remember(None, forget_id=number)
+    finally:
+        lock.release()
     return Response(status_code=204)
 
 
@@ -118,7 +124,7 @@ async def activate(request: Request, workspace_id: str, ca_id: str) -> Response:
     workspace = await admin_or_own_workspace(request, workspace_id)
     who = "admin" if check_admin(request, request.app.state.admin_token) else f"workspace:{workspace.api_key}"
     ca = await _commit(request, registry_of(request).plan_activate(workspace.id, _ca_id(ca_id), who))
-    start_full_computation(request, ca)
+    start_full_computation(request.app, ca)
     return Response(status_code=204)
 
 
@@ -156,9 +162,9 @@ async def calculation(request: Request, workspace_id: str, ca_id: str) -> Respon
     return json_response(engine_of(request).status_of(ca.id).as_json())
 
 
-def start_full_computation(request: Request, ca: CalculatedAttribute) -> None:
-    tasks: set[asyncio.Task[None]] = request.app.state.background_tasks
-    task = asyncio.create_task(asyncio.to_thread(engine_of(request).compute_all, ca))
+def start_full_computation(app: FastAPI, ca: CalculatedAttribute) -> None:
+    tasks: set[asyncio.Task[None]] = app.state.background_tasks
+    task = asyncio.create_task(asyncio.to_thread(app.state.calculation.compute_all, ca))
     tasks.add(task)  # keep a reference until done, or the loop may drop the task
     task.add_done_callback(_finished(tasks, ca))
 
@@ -194,6 +200,13 @@ async def _drain(state: Any) -> None:
                 await asyncio.to_thread(state.calculation.refresh, ca, sorted(mpids))
             except Exception as exc:  # keep draining; the values stay as they were and the next batch retries
                 log.error("refreshing calculated attribute %s failed: %s", ca.id, exc)
+
+
+def recompute_after_start(app: FastAPI) -> None:
+    """Values are derived data written outside the group commit: a full computation a crash cut short left the
+    previous values (its transaction rolled back), so start-up computes every active attribute again."""
+    for ca in app.state.calculated.all_active():
+        start_full_computation(app, ca)
 
 
 async def refresh_time_driven(app: FastAPI, as_of_ms: int | None = None) -> int:
