@@ -35,8 +35,13 @@ def counted_events(definition: Definition, events: pl.DataFrame, as_of_ms: int) 
 def compute(definition: Definition, events: pl.DataFrame, as_of_ms: int) -> pl.DataFrame:
     """One row per profile with at least one counted event: `mpid`, `value`."""
     counted = events.lazy().filter(_counted(definition, as_of_ms))
-    if definition.calculation_type == "most_frequent":
+    calculation = definition.calculation_type
+    if calculation == "most_frequent":
         values = _most_frequent(counted)
+    elif calculation in ("first_occurrence", "last_occurrence"):
+        values = _occurrence(counted, first=calculation == "first_occurrence")
+    elif calculation == "unique_list":
+        values = _unique_list(counted)
     else:
         values = counted.group_by("mpid").agg(_aggregate(definition))
     return values.drop_nulls("value").sort("mpid").collect()
@@ -97,7 +102,6 @@ def _number_condition(operator: str, values: tuple, number: pl.Expr) -> pl.Expr:
 def _aggregate(definition: Definition) -> pl.Expr:
     calculation = definition.calculation_type
     value = pl.col(attribute_column(0)) if definition.data_point.attribute_name else None
-    order = ["timestamp_ms", "event_order"]  # event_order: arrival order, the tie-break at equal times
     if calculation == "count":
         return pl.len().cast(pl.Int64).alias("value")
     if calculation == "first_occurrence_timestamp":
@@ -109,13 +113,26 @@ def _aggregate(definition: Definition) -> pl.Expr:
         folded = {"sum": number.sum(), "min": number.min(), "max": number.max(), "average": number.mean()}[calculation]
         # a profile whose values are all non-numeric has no value rather than 0
         return pl.when(number.count() > 0).then(folded).otherwise(None).alias("value")
-    if calculation == "first_occurrence":
-        return value.sort_by(order).first().alias("value")
-    if calculation == "last_occurrence":
-        return value.sort_by(order).last().alias("value")
-    if calculation == "unique_list":
-        return value.sort_by(order).unique(maintain_order=True).head(UNIQUE_LIST_LIMIT).alias("value")
     return value.n_unique().cast(pl.Int64).alias("value")  # unique_values_count
+
+
+def _occurrence(counted: pl.LazyFrame, first: bool) -> pl.LazyFrame:
+    """The value of the first (last) counted event. Only events at a profile's first (last) time can be it, so
+    arrival order breaks the tie among those alone, instead of sorting every profile's events."""
+    time = pl.col("timestamp_ms")
+    at_edge = counted.filter(time == (time.min() if first else time.max()).over("mpid"))
+    value = pl.col(attribute_column(0))
+    pick = value.min_by("event_order") if first else value.max_by("event_order")
+    return at_edge.group_by("mpid").agg(pick.alias("value"))
+
+
+def _unique_list(counted: pl.LazyFrame) -> pl.LazyFrame:
+    """Distinct values in the order first seen, the first UNIQUE_LIST_LIMIT. One sort of all counted events,
+    then each profile's values as they come (group_by keeps the rows of a group in order), rather than one
+    sort per profile."""
+    in_time = counted.sort(["timestamp_ms", "event_order"])
+    value = pl.col(attribute_column(0))
+    return in_time.group_by("mpid").agg(value.unique(maintain_order=True).head(UNIQUE_LIST_LIMIT).alias("value"))
 
 
 def _most_frequent(counted: pl.LazyFrame) -> pl.LazyFrame:

@@ -54,9 +54,51 @@ def _attribute_path(name: str) -> str:
     return '$."' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# Calculations that look at arrival order (unique_values_count too: a seeded one goes on with the first values
+# in order). The others get a NULL event_order: numbering costs a pass over every event read.
+ORDERED_CALCULATIONS = frozenset({"first_occurrence", "last_occurrence", "unique_list", "unique_values_count",
+                                  "most_frequent"})
+
+
 def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition: Definition, as_of_ms: int,
                 mpids: list[int] | None = None, chunk: int | None = None) -> pl.DataFrame:
     """The events that may count, in the frame layout compute() takes."""
+    point = definition.data_point
+    where, where_params = _narrowing(workspace_id, definition, as_of_ms, mpids, chunk)
+    extracts, extract_params, picks = _extractions(definition.attributes_read())
+    # an event type or name the data point fixes is the same on every row read: polars adds it as a constant
+    # rather than DuckDB exporting it millions of times
+    fixed = {"event_type": point.event_type, "event_name": point.event_name}
+    passed = [column for column, value in fixed.items() if value is None]
+    outer = ", ".join(["mpid", "timestamp_ms", "event_order", *passed, *picks])
+    if definition.calculation_type in ORDERED_CALCULATIONS:
+        inner = ", ".join(["mpid", "timestamp_ms", "received_ms", "batch_id", "event_index", *passed, *extracts])
+        # Arrival order, (received_ms, batch_id, event_index), breaks ties at equal times. Numbering every
+        # event with one window sorted the whole read, payload included, and was most of its time; ranking
+        # the distinct batches sorts a fraction of the rows, and batch rank then event index is the same order
+        # (event_index is an INTEGER: it fits the low 32 bits). Only the order matters (within a profile), so a
+        # profile's events order alike in every read. LEFT JOIN: no event is ever dropped.
+        query = f"""
+            WITH selected AS MATERIALIZED (SELECT {inner} FROM events WHERE {where}),
+            batches AS (
+                SELECT received_ms, batch_id, row_number() OVER (ORDER BY received_ms, batch_id) AS batch_rank
+                FROM (SELECT DISTINCT received_ms, batch_id FROM selected))
+            SELECT {outer} FROM (
+                SELECT *, batch_rank * 4294967296 + (event_index::BIGINT + 2147483648) AS event_order
+                FROM selected LEFT JOIN batches USING (received_ms, batch_id))"""
+    else:
+        inner = ", ".join(["mpid", "timestamp_ms", "NULL::BIGINT AS event_order", *passed, *extracts])
+        query = f"SELECT {outer} FROM (SELECT {inner} FROM events WHERE {where})"
+    frame = pl.from_arrow(cursor.sql(query, params=extract_params + where_params).to_arrow_table())
+    constants = [pl.lit(value, pl.String).alias(column) for column, value in fixed.items() if value is not None]
+    layout = ["mpid", "timestamp_ms", "event_order", "event_type", "event_name",
+              *(attribute_column(index) for index in range(len(picks)))]
+    return frame.with_columns(constants).select(layout)
+
+
+def _narrowing(workspace_id: str, definition: Definition, as_of_ms: int, mpids: list[int] | None,
+               chunk: int | None) -> tuple[str, list[object]]:
+    """The WHERE clause: the data point, the period's start, and the profiles asked for."""
     point = definition.data_point
     where = ["workspace_id = ?"]
     params: list[object] = [workspace_id]
@@ -67,8 +109,10 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
         where.append("event_name = ?")
         params.append(point.event_name)
     start = definition.time_period.start_ms(as_of_ms)
-    if start is not None and definition.time_period.kind == "since":
-        where.append("timestamp_ms >= ?")  # a sliding window moves: keep older events for later evaluations
+    if start is not None:
+        # events before the period never count at this as_of, nor date a change (window expiry comes from
+        # counted events, coming changes from events after as_of); each evaluation reads its own events
+        where.append("timestamp_ms >= ?")
         params.append(start)
     if mpids is not None:
         where.append("list_contains(?, mpid)")
@@ -76,16 +120,30 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
     if chunk is not None:
         where.append(f"hash(mpid) % {CHUNKS} = ?")
         params.append(chunk)
-    columns = []
-    for index, name in enumerate(definition.attributes_read()):
-        source = "data" if name.startswith("data.") else "custom_attributes"
-        columns.append(f"json_extract_string({source}, ?) AS {attribute_column(index)}")
-        params.insert(index, _attribute_path(name))
-    # arrival order breaks ties at equal times; absolute, so a profile's events order alike in every read
-    arrival = "row_number() OVER (ORDER BY received_ms, batch_id, event_index) AS event_order"
-    selected = ", ".join(["mpid", "timestamp_ms", arrival, "event_type", "event_name", *columns])
-    query = f"SELECT {selected} FROM events WHERE {' AND '.join(where)}"
-    return pl.from_arrow(cursor.sql(query, params=params).to_arrow_table())
+    return " AND ".join(where), params
+
+
+def _extractions(names: tuple[str, ...]) -> tuple[list[str], list[object], list[str]]:
+    """SQL reading the attributes as text: what the inner select extracts (with its parameters), and what the
+    outer select names `attribute_<i>`. Several attributes of one JSON column come from one multi-path
+    extraction, which parses the document once instead of once per attribute."""
+    by_source: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        by_source.setdefault("data" if name.startswith("data.") else "custom_attributes", []).append(index)
+    extracts: list[str] = []
+    params: list[object] = []
+    picks: dict[int, str] = {}
+    for source, indexes in by_source.items():
+        if len(indexes) == 1:
+            extracts.append(f"json_extract_string({source}, ?) AS {attribute_column(indexes[0])}")
+            params.append(_attribute_path(names[indexes[0]]))
+            picks[indexes[0]] = attribute_column(indexes[0])
+            continue
+        extracts.append(f"json_extract_string({source}, ?::VARCHAR[]) AS {source}_texts")
+        params.append([_attribute_path(names[index]) for index in indexes])
+        for position, index in enumerate(indexes, start=1):
+            picks[index] = f"{source}_texts[{position}] AS {attribute_column(index)}"
+    return extracts, params, [picks[index] for index in range(len(names))]
 
 
 def value_rows(definition: Definition, events: pl.DataFrame, as_of_ms: int, mpids: list[int] | None,
