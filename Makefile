@@ -32,3 +32,7 @@ lint: install
 .PHONY: bench-ingest
 bench-ingest: install
 	$(BIN)/python bench/ingest.py
+
+.PHONY: bench-calculated
+bench-calculated: install
+	$(BIN)/python bench/calculated.py
