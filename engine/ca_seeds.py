@@ -15,7 +15,7 @@ events combine with it:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -117,8 +117,8 @@ def _combine(definition: Definition, seed: Seed, after: Any, later: pl.DataFrame
     if calculation == "unique_list":
         return list(dict.fromkeys([*seed.value, *after]))[:UNIQUE_LIST_LIMIT]
     if calculation == "unique_values_count":
-        new = compute(replace(definition, calculation_type="unique_list"), later, as_of_ms)["value"].to_list()
-        new_values = new[0] if new else []
+        # every new distinct value, not the 100 a unique_list keeps
+        new_values = counted_events(definition, later, as_of_ms)[attribute_column(0)].drop_nulls().unique().to_list()
         if seed.values is not None:
             return len(set(seed.values) | set(new_values))
         return seed.value + len(new_values)
