@@ -59,13 +59,15 @@ def _counted(definition: Definition, as_of_ms: int) -> pl.Expr:
         keep &= pl.col("event_name") == point.event_name
     names = definition.attributes_read()
     for condition in definition.conditions:
-        keep &= _condition(condition, pl.col(attribute_column(names.index(condition.attribute_name))))
+        keep &= condition_expr(condition, pl.col(attribute_column(names.index(condition.attribute_name))))
     if point.attribute_name is not None and definition.calculation_type != "count":
         keep &= pl.col(attribute_column(0)).is_not_null()  # an event without the value adds nothing
     return keep.fill_null(False)
 
 
-def _condition(condition: Condition, text: pl.Expr) -> pl.Expr:
+def condition_expr(condition: Condition, text: pl.Expr) -> pl.Expr:
+    """Whether the attribute text (as DuckDB's `->>` extracts it) passes the condition; null when the text is
+    null, except for `exists`."""
     operator, values = condition.operator, condition.values
     if operator == "exists":
         return text.is_not_null()

@@ -101,7 +101,7 @@ def parse_definition(raw: Any, path: str = "definition") -> Definition:
     if not isinstance(calculation, str) or calculation not in CALCULATION_TYPES:  # a list is unhashable
         raise BadRequest(f"{path}.calculation_type must be one of {', '.join(sorted(CALCULATION_TYPES))}",
                          field=f"{path}.calculation_type")
-    data_point = _data_point(raw.get("data_point"), f"{path}.data_point")
+    data_point = parse_data_point(raw.get("data_point"), f"{path}.data_point")
     if calculation in NEEDS_ATTRIBUTE and data_point.attribute_name is None:
         raise BadRequest(f"{path}.data_point.attribute_name is required for {calculation}",
                          field=f"{path}.data_point.attribute_name")
@@ -109,8 +109,8 @@ def parse_definition(raw: Any, path: str = "definition") -> Definition:
     if not isinstance(conditions, list):
         raise BadRequest(f"{path}.conditions must be a list", field=f"{path}.conditions")
     return Definition(calculation, data_point,
-                      tuple(_condition(c, f"{path}.conditions[{i}]") for i, c in enumerate(conditions)),
-                      _time_period(raw.get("time_period"), f"{path}.time_period"))
+                      tuple(parse_condition(c, f"{path}.conditions[{i}]") for i, c in enumerate(conditions)),
+                      parse_time_period(raw.get("time_period"), f"{path}.time_period"))
 
 
 def _text(container: Mapping[str, Any], key: str, path: str, required: bool = False) -> str | None:
@@ -130,7 +130,7 @@ def _attribute(container: Mapping[str, Any], key: str, path: str, required: bool
     return name
 
 
-def _data_point(raw: Any, path: str) -> DataPoint:
+def parse_data_point(raw: Any, path: str) -> DataPoint:
     if not isinstance(raw, Mapping):
         raise BadRequest(f"{path} must be an object with event_type and/or event_name", field=path)
     event_type = _text(raw, "event_type", path)
@@ -142,10 +142,18 @@ def _data_point(raw: Any, path: str) -> DataPoint:
     return DataPoint(event_type, event_name, _attribute(raw, "attribute_name", path))
 
 
-def _condition(raw: Any, path: str) -> Condition:
+def parse_condition(raw: Any, path: str) -> Condition:
+    """One condition on an event attribute: `attribute_name` and a comparison (see parse_comparison)."""
     if not isinstance(raw, Mapping):
         raise BadRequest(f"{path} must be an object", field=path)
     attribute = _attribute(raw, "attribute_name", path, required=True)
+    return Condition(attribute, *parse_comparison(raw, path))
+
+
+def parse_comparison(raw: Mapping[str, Any], path: str) -> tuple[str, str, tuple[Any, ...]]:
+    """`operator`, `values` and `value_type` (inferred from the values when absent) of a condition, checked
+    against the operator-type support map: (operator, value_type, values). Audience criteria compare user and
+    calculated attributes with it too."""
     operator = raw.get("operator")
     if not isinstance(operator, str) or operator not in OPERATORS:
         raise BadRequest(f"{path}.operator must be one of {', '.join(OPERATORS)}", field=f"{path}.operator")
@@ -165,7 +173,7 @@ def _condition(raw: Any, path: str) -> Condition:
             raise BadRequest(f"{path}.values[{i}] must be a {value_type}", field=f"{path}.values[{i}]")
     if operator == "between" and values[0] > values[1]:
         raise BadRequest(f"{path}.values: the lower bound comes first", field=f"{path}.values")
-    return Condition(attribute, operator, value_type, tuple(values))
+    return operator, value_type, tuple(values)
 
 
 def _infer_type(values: list[Any]) -> str:
@@ -184,7 +192,8 @@ def _is_type(value: Any, value_type: str) -> bool:
     return isinstance(value, str)
 
 
-def _time_period(raw: Any, path: str) -> TimePeriod:
+def parse_time_period(raw: Any, path: str) -> TimePeriod:
+    """`{"type": "all_time" | "within_last" (value, unit hours/days) | "since" (date)}`; absent: all time."""
     if raw is None:
         return TimePeriod("all_time")
     if not isinstance(raw, Mapping):

@@ -65,7 +65,7 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
     """The events that may count, in the frame layout compute() takes."""
     point = definition.data_point
     where, where_params = _narrowing(workspace_id, definition, as_of_ms, mpids, chunk)
-    extracts, extract_params, picks = _extractions(definition.attributes_read())
+    extracts, extract_params, picks = attribute_extractions(definition.attributes_read())
     # an event type or name the data point fixes is the same on every row read: polars adds it as a constant
     # rather than DuckDB exporting it millions of times
     fixed = {"event_type": point.event_type, "event_name": point.event_name}
@@ -123,7 +123,7 @@ def _narrowing(workspace_id: str, definition: Definition, as_of_ms: int, mpids: 
     return " AND ".join(where), params
 
 
-def _extractions(names: tuple[str, ...]) -> tuple[list[str], list[object], list[str]]:
+def attribute_extractions(names: tuple[str, ...]) -> tuple[list[str], list[object], list[str]]:
     """SQL reading the attributes as text: what the inner select extracts (with its parameters), and what the
     outer select names `attribute_<i>`. Several attributes of one JSON column come from one multi-path
     extraction, which parses the document once instead of once per attribute."""
