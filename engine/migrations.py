@@ -6,7 +6,7 @@ Writes land in `write_journal` and are folded into the `*_base` tables; the publ
 
 from __future__ import annotations
 
-from engine import ca_schema, dsr_store, event_journal
+from engine import audience_schema, ca_schema, dsr_store, event_journal
 from engine.journal import JOURNAL_DDL, view_statements
 
 _COMMENTS = """
@@ -104,4 +104,5 @@ CREATE TABLE hub_values_base (
     (3, "data subject requests, erasure tombstones", dsr_store.TABLES_DDL),
     (4, "calculated attributes", ca_schema.DEFINITIONS_DDL + ca_schema.VALUES_DDL),
     (5, "calculated attribute seeds", ca_schema.SEEDS_DDL),
+    (7, "audiences: definitions, membership history, sizes", audience_schema.MIGRATION_SQL),
 ]
