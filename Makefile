@@ -27,7 +27,7 @@ bench: install
 	$(BIN)/python bench/identify.py
 
 lint: install
-	$(BIN)/ruff check api engine strategies tests bench
+	$(BIN)/ruff check api audiences engine strategies tests bench
 
 .PHONY: bench-ingest
 bench-ingest: install
