@@ -53,7 +53,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.state.dsr = DsrService.open(service)
     app.state.calculated = CalculatedAttributeRegistry()
     app.state.calculated.load(service.connection)
-    app.state.calculation = CalculatedAttributeEngine(service.connection)
+    app.state.calculation = CalculatedAttributeEngine(service.connection, service.computation_gate)
     app.state.background_tasks = set()  # computations running off the event loop (api/ca_routes.py)
     app.state.ca_pending, app.state.ca_drain = {}, None  # profiles awaiting incremental upkeep, and its task
     app.state.admin_token = admin_token

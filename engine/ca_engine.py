@@ -23,6 +23,7 @@ from engine.ca_compute import attribute_column, counted_events
 from engine.ca_definitions import Definition
 from engine.ca_registry import CalculatedAttribute
 from engine.ca_seeds import Seed, compute_seeded
+from engine.computation_gate import ComputationGate
 from engine.store import now_ms
 
 CHUNKS = 16  # progress granularity of a full computation: profiles are split by mpid hash
@@ -197,9 +198,11 @@ def _changes_at(definition: Definition, events: pl.DataFrame, as_of_ms: int) -> 
 
 
 class CalculatedAttributeEngine:
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, gate: ComputationGate | None = None) -> None:
         self._connection = connection
         self.status: dict[int, CalculationStatus] = {}
+        # an erasure deletes value rows too: computations share this gate with it (engine/computation_gate.py)
+        self._gate = gate or ComputationGate()
 
     def status_of(self, ca_id: int) -> CalculationStatus:
         return self.status.setdefault(ca_id, CalculationStatus())
@@ -207,7 +210,7 @@ class CalculatedAttributeEngine:
     def compute_all(self, ca: CalculatedAttribute, as_of_ms: int | None = None) -> None:
         """Full computation (activation, backfill): replaces every value of `ca`, reporting progress."""
         status = self.status_of(ca.id)
-        with status.lock:
+        with status.lock, self._gate.computing():
             status.state, status.progress, status.started_ms, status.finished_ms, status.error = (
                 "calculating", 0.0, now_ms(), None, None)
             definition = ca.active()
@@ -239,7 +242,7 @@ class CalculatedAttributeEngine:
         cursor = self._connection.cursor()
         # a running full computation holds the lock: waiting for it keeps the two from writing the same rows,
         # and this refresh then sees the events that arrived meanwhile
-        with self.status_of(ca.id).lock:
+        with self.status_of(ca.id).lock, self._gate.computing():
             self._refresh(cursor, ca, definition, mpids, as_of)
 
     def _refresh(self, cursor: duckdb.DuckDBPyConnection, ca: CalculatedAttribute, definition: Definition,

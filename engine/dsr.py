@@ -258,6 +258,12 @@ class DsrService:
             await self._export(workspace, record)
 
     async def _erase(self, workspace: Workspace, record: DsrRecord) -> None:
+        # no calculated attribute computation runs from before the plan to after the commit: it would conflict
+        # with the deletes or write a value for the erased MPID afterwards (engine/computation_gate.py)
+        async with self.service.computation_gate.exclusive():
+            await self._erase_now(workspace, record)
+
+    async def _erase_now(self, workspace: Workspace, record: DsrRecord) -> None:
         mpid = self._target(workspace, record)
         ledger = [] if mpid is None else await asyncio.to_thread(read_ledger_values, self.service.connection, mpid)
         batch = WriteBatch()

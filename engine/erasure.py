@@ -19,7 +19,8 @@ to be handed them here, inside `plan_erasure`, before they are deleted.
 
 It runs as one writer transaction after folding the journal (`fold_first`), so the base tables hold every
 acknowledged row when the deletes run; the in-memory state changes synchronously before the commit is awaited,
-so no request planned afterwards can reach the profile.
+so no request planned afterwards can reach the profile. engine/dsr.py runs it holding the computation gate
+(engine/computation_gate.py) alone: no calculated attribute computation writes value rows meanwhile.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import duckdb
 
 from engine import journal
 from engine.aliasing import AliasLedger, AliasRecord, plan_processing, plan_unalias
+from engine.computation_gate import ComputationGate
 from engine.errors import BadRequest, Forbidden, LookupFailed, NotFound, StoreUnavailable
 from engine.graph import IdentityGraph, ProfileRecord
 from engine.graph_loader import build_graphs
@@ -83,6 +84,8 @@ class IdSyncService:
         self.aliases.load(connection)
         self.tombstones = TombstoneIndex(master_key.derive("erasure tombstones"))
         self.tombstones.load(connection)
+        # computations writing per-profile rows outside the group commit share it; erasures hold it alone
+        self.computation_gate = ComputationGate()
 
     @classmethod
     def open(cls, db_path: str) -> IdSyncService:
