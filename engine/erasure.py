@@ -3,15 +3,18 @@ and keep only what stops their data from coming back.
 
 What goes: the profile, its identities, its identity_changes rows, aliases and alias effects naming its MPID,
 its user attributes, consent and consent history, its events and the alias copies of them on other profiles,
-its batches (their envelopes hold identities and attributes), its calculated attribute values and seeds, access
-exports made for it, and the MPID and identities in any stored request. Rows of *other* profiles that name the
-person lose those names: the MPID in `identity_changes.other_mpid` and in reasons, the person's values in
-`identity_changes.value`. A quarantined hub value goes only if no other profile holds it.
+its batches (their envelopes hold identities and attributes), its calculated attribute values and seeds, its
+audience memberships past and present, access exports made for it, and the MPID and identities in any stored
+request. Rows of *other* profiles that name the person lose those names: the MPID in
+`identity_changes.other_mpid` and in reasons, the person's values in `identity_changes.value`. A quarantined
+hub value goes only if no other profile holds it.
 
 What stays: a tombstone per erased identity (engine/tombstones.py) so a later identify, login, modify or batch
 ignores it, and the replay keys of the deleted batches (already 64-bit digests) so replaying them stores
 nothing. Erased identities are the profile's current ones, the request's, and every value its own ledger
-named, except values another profile holds now (a shared device id is theirs too).
+named, except values another profile holds now (a shared device id is theirs too). Audience size points stay:
+counts name nobody, and a size that counted the person was true when it was recorded (`audience_stats` counts
+the current members, so it drops the person at once).
 
 Destinations do not exist yet: each erasure adds a row to `erasure_events` (types and tombstone hashes, no
 values) with `forwarded_ms` NULL; the delivery milestone reads it. An output that needs the raw identities has
@@ -50,6 +53,7 @@ _DELETES = (
     ("dsr_exports", "mpid = $1"),
     ("calculated_attribute_values", "mpid = $1"),
     ("calculated_attribute_seeds", "mpid = $1"),
+    ("audience_membership_history", "mpid = $1"),
 )
 
 _KEYS = "(SELECT unnest($1::VARCHAR[]) AS t, unnest($2::VARCHAR[]) AS v) AS k"  # $3: the scope

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from audience_seed import apply_audience, seed_audience
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -149,6 +150,11 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert client.http.post(f"{base}/{created.json()['id']}/activation", auth=client.auth).status_code == 204
     on_server(server, background_idle(server.app.state.background_tasks))
     assert server.query("SELECT count(*) FROM calculated_attribute_values WHERE mpid = ?", int(ann)) == [(1,)]
+    # she was in an audience, left it and came back: two stays of hers in its history
+    workspace_id = server.service.workspaces.by_api_key(controller.auth[0]).id
+    audience = seed_audience(server, workspace_id, "shoppers", [int(ann), int(bob)], now - 2000)
+    apply_audience(server, workspace_id, audience, [int(bob)], now - 1000)
+    apply_audience(server, workspace_id, audience, [int(ann), int(bob)], now)
     access = controller.submitted({"email": "ann.erased@example.com"}, "access")
     assert controller.process() == 1 and controller.export(access).status_code == 200
     waiting = controller.submitted({"customer_id": "ann-cust-77"}, "portability", skip_waiting_period=False)
@@ -157,7 +163,8 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
                "+447700900123", "Annabel-Erased", "ann-consent-doc", "ann-purchase", "ann-batch-1", "ann-req-1"]
     before = {name for name, _ in text_hits(server, needles)}
     assert {"profiles", "identities", "calculated_attribute_values", "identity_changes", "aliases", "events", "batches",
-            "user_attributes", "consent_history", "consent", "dsr_exports", "dsr_requests"} <= before
+            "user_attributes", "consent_history", "consent", "dsr_exports", "dsr_requests",
+            "audience_membership_history", "audience_members"} <= before
 
     erasure = controller.submitted({"email": "ann.erased@example.com", "controller_customer_id": "ann-cust-77"})
     assert controller.process() == 1
@@ -173,6 +180,8 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert server.query("SELECT consented FROM consent WHERE mpid = ?", int(bob)) == [(False,)]
     assert server.query("SELECT count(*) FROM batches WHERE mpid = ?", int(bob)) == [(1,)]
     assert server.query("SELECT value FROM calculated_attribute_values WHERE mpid = ?", int(bob)) == [("1",)]
+    assert server.query("SELECT audience_id, entered_ms FROM audience_members WHERE mpid = ?", int(bob)) == [
+        (audience, now - 2000)]
     assert server.query("SELECT change, value, reason FROM identity_changes WHERE mpid = ? AND change = 'skip'",
                         int(bob)) == [("skip", None, "unique value held by profile (erased)")]
     assert server.query("SELECT identity_type, value FROM identities WHERE mpid = ?", int(anonymous)) == [
