@@ -96,7 +96,7 @@ def read_profile(connection: duckdb.DuckDBPyConnection, workspace: Workspace, gr
             body["account_userattributes"] = None
             body["user_attributes"] = _attributes(cursor, workspace, mpid)
         if "audience_memberships" in wanted:
-            body["audience_memberships"] = []  # filled once audiences exist
+            body["audience_memberships"] = []  # api/profile_routes.py fills it: audiences sit above engine
         if "attribution" in wanted:
             body["attribution"] = _install_attribution(cursor, workspace, mpid)
         return body
