@@ -56,6 +56,11 @@ PUBLIC_VIEWS: dict[str, str] = {
     "calculated_attributes": "workspace_id",  # tables: definitions and current values
     "calculated_attribute_values": "workspace_id",
     "calculated_attribute_seeds": "workspace_id",
+    "audiences": "workspace_id",
+    "audience_members": "workspace_id",
+    "audience_membership_history": "workspace_id",  # tables: every stay in an audience, size points
+    "audience_sizes": "workspace_id",
+    "audience_stats": "workspace_id",
 }
 
 # What a restriction column is compared with for a workspace caller.

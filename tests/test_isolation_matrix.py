@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from audience_seed import apply_audience, seed_audience
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from live_server import ADMIN_TOKEN, LiveServer, WorkspaceCredentials
@@ -87,6 +88,8 @@ class Tenant:
     event_name: str = ""
     ca_id: int = 0                        # an active calculated attribute counting the workspace's event
     ca_name: str = ""
+    audience_id: int = 0                  # an audience holding `known`, which `anon` has left
+    audience_name: str = ""
     mpids: set[int] = field(default_factory=set)
     values: set[str] = field(default_factory=set)  # strings only this workspace's data and settings hold
     writes: int = 0                       # requests this test made with the workspace's own credentials
@@ -276,9 +279,12 @@ def seed(server: LiveServer, label: str, settings: dict[str, Any]) -> Tenant:
     tenant.ca_name = unique(f"{label}-ca")
     tenant.ca_id = tenant.new_attribute(count_of(event_name), tenant.ca_name)
     tenant.call(tenant.ca_path(f"/{tenant.ca_id}/activation"), None)  # computed in the background: settle()
+    tenant.audience_name = unique(f"{label}-audience")
+    tenant.audience_id = seed_audience(server, tenant.id, tenant.audience_name, [tenant.known, tenant.anon])
+    apply_audience(server, tenant.id, tenant.audience_id, [tenant.known], now_ms())
     tenant.values = {tenant.id, tenant.key, tenant.secret, name, tenant.customer_id, tenant.other, tenant.email,
                      tenant.device, event_name, attribute, document, tenant.batch_id, tenant.request_id,
-                     tenant.alias_id, hub_email, tenant.ca_name, *tenant.hub_customers}
+                     tenant.alias_id, hub_email, tenant.ca_name, tenant.audience_name, *tenant.hub_customers}
     return tenant
 
 
@@ -577,6 +583,10 @@ def sql_attacks(world: World) -> list[Attack]:
                     Attack(f"{view} of the victim's workspace",
                            sql(f"SELECT * FROM {view} WHERE {column} = '{victim.id}' OR {column} <> '{world.attacker.id}'"),
                            filtered, no_rows, once=True)]
+    for view in ("audiences", "audience_members", "audience_stats"):
+        attacks.append(Attack(f"the victim's audience in {view}", sql(
+            f"SELECT * FROM {view} WHERE {'id' if view == 'audiences' else 'audience_id'} = {victim.audience_id}"),
+            filtered, no_rows, once=True))
     for view in ("identities", "events"):  # the qualified names behind the filtered views, refused by name shape
         attacks += [Attack(f"main.{view}", sql(f"SELECT * FROM main.{view}"), refused, once=True),
                     Attack(f"{database}.main.{view}", sql(f'SELECT * FROM "{database}".main.{view}'), refused, once=True),
@@ -603,7 +613,9 @@ def sql_attacks(world: World) -> list[Attack]:
         ("UNION of every MPID column", "SELECT mpid FROM profiles UNION SELECT mpid FROM identities UNION "
                                        "SELECT source_mpid FROM aliases UNION SELECT destination_mpid FROM aliases UNION "
                                        "SELECT mpid FROM events UNION SELECT copied_from_mpid FROM events UNION "
-                                       "SELECT mpid FROM user_attributes UNION SELECT mpid FROM consent_history", filtered),
+                                       "SELECT mpid FROM user_attributes UNION SELECT mpid FROM consent_history UNION "
+                                       "SELECT mpid FROM audience_members UNION SELECT mpid FROM "
+                                       "audience_membership_history", filtered),
         ("UNION with main", "SELECT * FROM identities UNION ALL SELECT * FROM main.identities", refused),
         ("aggregates", "SELECT count(*), min(mpid), max(mpid), string_agg(value, ','), list(raw_value), "
                        "approx_count_distinct(value) FROM identities", filtered),
@@ -631,6 +643,14 @@ def sql_attacks(world: World) -> list[Attack]:
         ("error() of a row", "SELECT error(value) FROM identities", refused),
         ("data subject requests", "SELECT * FROM dsr_requests", refused),
         ("access exports", "SELECT * FROM dsr_exports", refused),
+        ("the audience views joined", "SELECT a.name, a.definition, m.mpid, s.size, s.volatility FROM audiences a "
+                                      "JOIN audience_members m ON m.audience_id = a.id "
+                                      "JOIN audience_stats s ON s.audience_id = a.id", filtered),
+        ("audience history aggregates", "SELECT audience_id, count(*), list(mpid), min(entered_ms), max(exited_ms) "
+                                        "FROM audience_membership_history GROUP BY ALL", filtered),
+        ("audience sizes in a window", "SELECT audience_id, sum(adds) OVER (PARTITION BY audience_id ORDER BY at_ms) "
+                                       "FROM audience_sizes", filtered),
+        ("the definitions table", "SELECT * FROM audience_definitions", refused),
     ]
     signed_too = [Attack("all identities (every credential form)", sql("SELECT * FROM identities"), filtered,
                          only_rows_of(world.attacker, "scope"))]
@@ -1074,6 +1094,7 @@ ORACLES = [
     "SELECT count(*) FROM profiles WHERE 1 // (mpid <> {mpid})::INTEGER = 1",
     "SELECT count(*) FROM events WHERE mpid = {mpid} AND 1 // (mpid <> {mpid})::INTEGER = 1",
     "SELECT count(*) FROM identities i JOIN profiles p USING (mpid) WHERE 1 // (p.mpid <> {mpid})::INTEGER = 1",
+    "SELECT count(*) FROM audience_members WHERE 1 // (mpid <> {mpid})::INTEGER = 1",
 ]
 
 
