@@ -55,12 +55,14 @@ import polars as pl  # noqa: E402
 
 from engine.ca_compute import compute  # noqa: E402
 from engine.ca_definitions import Condition, Definition, parse_definition  # noqa: E402
-from engine.ca_engine import CalculatedAttributeEngine, read_events  # noqa: E402
+from engine.ca_engine import CalculatedAttributeEngine  # noqa: E402
+from engine.ca_read import read_events  # noqa: E402
 from engine.ca_registry import CalculatedAttribute  # noqa: E402
+from engine.event_journal import ARRIVAL_SPAN  # noqa: E402
 from engine.store import open_database  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-SCHEMA_TAG = "calculated-v1"  # bump when the generated data changes, so stale caches are rebuilt
+SCHEMA_TAG = "calculated-v2"  # bump when the generated data changes, so stale caches are rebuilt
 GOAL_FULL_S = 10.0            # DESIGN.md: 10 calculated attributes, 10M events, 1M profiles
 GOAL_RATIO = 1.0              # DESIGN.md: the polars path no slower than the same logic in DuckDB SQL
 FLOAT_TOLERANCE = 1e-9        # relative: the two sides add floats in different orders
@@ -122,7 +124,8 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
 
 # One row per event, numbers only, in arrival order: event i < profiles is profile i's opening event (a batch of
 # one), the rest form batches of 8 whose profile is floor(profiles * u^2), so low indexes are the heavy users.
-# `k` numbers the rows in arrival order, so the JSON is built in chunks that append in that order.
+# `k` numbers the rows in arrival order, so the JSON is built in chunks that append in that order; `batch_rank`
+# stands for the journal seq ingest would have given the batch (events.arrival, engine/event_journal.py).
 STAGE_SQL = f"""
 CREATE TEMP TABLE stage AS
 WITH e AS (
@@ -138,7 +141,8 @@ WITH e AS (
            $start + (hash(g, 'when') % $span)::BIGINT AS batch_ms
     FROM e
 )
-SELECT row_number() OVER (ORDER BY received_ms, g, event_index) - 1 AS k, * FROM (
+SELECT row_number() OVER (ORDER BY received_ms, g, event_index) - 1 AS k,
+       dense_rank() OVER (ORDER BY received_ms, g) AS batch_rank, * FROM (
     SELECT i, g, event_index, p, batch_ms,
            -- events of a batch are 10 s apart plus jitter, in whole seconds, so some share a timestamp
            (batch_ms + event_index * 10000 + (hash(i, 'gap') % 15000)::BIGINT) // 1000 * 1000 AS timestamp_ms,
@@ -206,7 +210,7 @@ SELECT $workspace, mpid, substr(batch_hash, 1, 8) || '-' || substr(batch_hash, 9
                  || CASE WHEN attributes IS NULL THEN '' ELSE ',"custom_attributes":' || attributes END || '}'
             ELSE '{"timestamp_unixtime_ms":' || timestamp_ms::VARCHAR || ',"session_uuid":"' || batch_hash || '"}'
         END)::JSON,
-       NULL, NULL
+       NULL, NULL, batch_rank * $arrival_span + event_index
 FROM j ORDER BY k
 """
 
@@ -254,7 +258,8 @@ def build_database(profiles: int, events: int, console: Any) -> dict[str, Any]:
             for lo in range(0, events, BUILD_CHUNK):
                 hi = min(events, lo + BUILD_CHUNK)
                 connection.execute("BEGIN")
-                connection.execute(EVENTS_SQL, {"lo": lo, "hi": hi, "workspace": WORKSPACE_ID})
+                connection.execute(EVENTS_SQL, {"lo": lo, "hi": hi, "workspace": WORKSPACE_ID,
+                                                "arrival_span": ARRIVAL_SPAN})
                 connection.execute("COMMIT")
                 progress.update(task, completed=hi)
         connection.execute("DROP TABLE stage")

@@ -155,7 +155,7 @@ def _time(data: Mapping[str, Any], key: str, default: int) -> int:
 
 
 _COPY_COLUMNS = ("batch_id, event_index, event_type, event_name, custom_event_type, timestamp_ms, received_ms, "
-                 "session_uuid, session_id, event_id, source_message_id, environment, custom_attributes, data")
+                 "session_uuid, session_id, event_id, source_message_id, environment, custom_attributes, data, arrival")
 
 
 def plan_processing(record: AliasRecord, batch: WriteBatch) -> None:

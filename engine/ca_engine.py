@@ -3,15 +3,17 @@ incremental one for the profiles an ingested batch touched, and time-driven chan
 future-stamped events starting to count).
 
 Events are read from DuckDB as Arrow, already narrowed to the definition's data point and period start, with
-each attribute the definition reads extracted as text; polars does the rest (engine/ca_compute.py). Values
-are derived data: they are written on their own cursor and transaction, never blocking the group-commit
-writer, and a crash at worst leaves a computation to run again.
+each attribute the definition reads extracted as text (engine/ca_read.py; attributes of one workspace computed
+together share their reads); polars does the rest (engine/ca_compute.py). Values are derived data: they are
+written on their own cursor and transaction, never blocking the group-commit writer, and a crash at worst
+leaves a computation to run again.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import duckdb
@@ -19,14 +21,14 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from engine.ca_compute import attribute_column, counted_events
+from engine.ca_compute import counted_events
 from engine.ca_definitions import Definition
+from engine.ca_read import CHUNKS, read_each
+from engine.ca_read import attribute_extractions as attribute_extractions  # audiences/evaluate.py reads through it
 from engine.ca_registry import CalculatedAttribute
 from engine.ca_seeds import Seed, compute_seeded
 from engine.computation_gate import ComputationGate
 from engine.store import now_ms
-
-CHUNKS = 16  # progress granularity of a full computation: profiles are split by mpid hash
 
 
 @dataclass
@@ -48,105 +50,6 @@ class CalculationStatus:
                 "error": self.error}
 
 
-def _attribute_path(name: str) -> str:
-    """JSON path for an attribute: `data.a.b` walks the event data, any other name is a custom attribute."""
-    if name.startswith("data."):
-        return "$." + ".".join(f'"{part}"' for part in name[len("data."):].split("."))
-    return '$."' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-# Calculations that look at arrival order (unique_values_count too: a seeded one goes on with the first values
-# in order). The others get a NULL event_order: numbering costs a pass over every event read.
-ORDERED_CALCULATIONS = frozenset({"first_occurrence", "last_occurrence", "unique_list", "unique_values_count",
-                                  "most_frequent"})
-
-
-def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition: Definition, as_of_ms: int,
-                mpids: list[int] | None = None, chunk: int | None = None) -> pl.DataFrame:
-    """The events that may count, in the frame layout compute() takes."""
-    point = definition.data_point
-    where, where_params = _narrowing(workspace_id, definition, as_of_ms, mpids, chunk)
-    extracts, extract_params, picks = attribute_extractions(definition.attributes_read())
-    # an event type or name the data point fixes is the same on every row read: polars adds it as a constant
-    # rather than DuckDB exporting it millions of times
-    fixed = {"event_type": point.event_type, "event_name": point.event_name}
-    passed = [column for column, value in fixed.items() if value is None]
-    outer = ", ".join(["mpid", "timestamp_ms", "event_order", *passed, *picks])
-    if definition.calculation_type in ORDERED_CALCULATIONS:
-        inner = ", ".join(["mpid", "timestamp_ms", "received_ms", "batch_id", "event_index", *passed, *extracts])
-        # Arrival order, (received_ms, batch_id, event_index), breaks ties at equal times. Numbering every
-        # event with one window sorted the whole read, payload included, and was most of its time; ranking
-        # the distinct batches sorts a fraction of the rows, and batch rank then event index is the same order
-        # (event_index is an INTEGER: it fits the low 32 bits). Only the order matters (within a profile), so a
-        # profile's events order alike in every read. LEFT JOIN: no event is ever dropped.
-        query = f"""
-            WITH selected AS MATERIALIZED (SELECT {inner} FROM events WHERE {where}),
-            batches AS (
-                SELECT received_ms, batch_id, row_number() OVER (ORDER BY received_ms, batch_id) AS batch_rank
-                FROM (SELECT DISTINCT received_ms, batch_id FROM selected))
-            SELECT {outer} FROM (
-                SELECT *, batch_rank * 4294967296 + (event_index::BIGINT + 2147483648) AS event_order
-                FROM selected LEFT JOIN batches USING (received_ms, batch_id))"""
-    else:
-        inner = ", ".join(["mpid", "timestamp_ms", "NULL::BIGINT AS event_order", *passed, *extracts])
-        query = f"SELECT {outer} FROM (SELECT {inner} FROM events WHERE {where})"
-    frame = pl.from_arrow(cursor.sql(query, params=extract_params + where_params).to_arrow_table())
-    constants = [pl.lit(value, pl.String).alias(column) for column, value in fixed.items() if value is not None]
-    layout = ["mpid", "timestamp_ms", "event_order", "event_type", "event_name",
-              *(attribute_column(index) for index in range(len(picks)))]
-    return frame.with_columns(constants).select(layout)
-
-
-def _narrowing(workspace_id: str, definition: Definition, as_of_ms: int, mpids: list[int] | None,
-               chunk: int | None) -> tuple[str, list[object]]:
-    """The WHERE clause: the data point, the period's start, and the profiles asked for."""
-    point = definition.data_point
-    where = ["workspace_id = ?"]
-    params: list[object] = [workspace_id]
-    if point.event_type is not None:
-        where.append("event_type = ?")
-        params.append(point.event_type)
-    if point.event_name is not None:
-        where.append("event_name = ?")
-        params.append(point.event_name)
-    start = definition.time_period.start_ms(as_of_ms)
-    if start is not None:
-        # events before the period never count at this as_of, nor date a change (window expiry comes from
-        # counted events, coming changes from events after as_of); each evaluation reads its own events
-        where.append("timestamp_ms >= ?")
-        params.append(start)
-    if mpids is not None:
-        where.append("list_contains(?, mpid)")
-        params.append(mpids)
-    if chunk is not None:
-        where.append(f"hash(mpid) % {CHUNKS} = ?")
-        params.append(chunk)
-    return " AND ".join(where), params
-
-
-def attribute_extractions(names: tuple[str, ...]) -> tuple[list[str], list[object], list[str]]:
-    """SQL reading the attributes as text: what the inner select extracts (with its parameters), and what the
-    outer select names `attribute_<i>`. Several attributes of one JSON column come from one multi-path
-    extraction, which parses the document once instead of once per attribute."""
-    by_source: dict[str, list[int]] = {}
-    for index, name in enumerate(names):
-        by_source.setdefault("data" if name.startswith("data.") else "custom_attributes", []).append(index)
-    extracts: list[str] = []
-    params: list[object] = []
-    picks: dict[int, str] = {}
-    for source, indexes in by_source.items():
-        if len(indexes) == 1:
-            extracts.append(f"json_extract_string({source}, ?) AS {attribute_column(indexes[0])}")
-            params.append(_attribute_path(names[indexes[0]]))
-            picks[indexes[0]] = attribute_column(indexes[0])
-            continue
-        extracts.append(f"json_extract_string({source}, ?::VARCHAR[]) AS {source}_texts")
-        params.append([_attribute_path(names[index]) for index in indexes])
-        for position, index in enumerate(indexes, start=1):
-            picks[index] = f"{source}_texts[{position}] AS {attribute_column(index)}"
-    return extracts, params, [picks[index] for index in range(len(names))]
-
-
 def value_rows(definition: Definition, events: pl.DataFrame, as_of_ms: int, mpids: list[int] | None,
                workspace_id: str, ca_id: int, seeds: dict[int, Seed] | None = None) -> pa.Table:
     """Rows for calculated_attribute_values: every profile with a value or a coming change."""
@@ -155,9 +58,10 @@ def value_rows(definition: Definition, events: pl.DataFrame, as_of_ms: int, mpid
     wanted = sorted(set(values) | set(changes)) if mpids is None else sorted(set(mpids) & (set(values) | set(changes)))
     stamp = now_ms()
     return pa.table({
-        "workspace_id": [workspace_id] * len(wanted), "ca_id": pa.array([ca_id] * len(wanted), pa.int64()),
-        "mpid": pa.array(wanted, pa.int64()),
-        "value": [orjson.dumps(values[m]).decode() if m in values else None for m in wanted],
+        "workspace_id": pa.array([workspace_id] * len(wanted), pa.string()),
+        "ca_id": pa.array([ca_id] * len(wanted), pa.int64()), "mpid": pa.array(wanted, pa.int64()),
+        # typed even when every value is missing: several attributes' rows are concatenated (refresh_many)
+        "value": pa.array([orjson.dumps(values[m]).decode() if m in values else None for m in wanted], pa.string()),
         "computed_ms": pa.array([stamp] * len(wanted), pa.int64()),
         "changes_at_ms": pa.array([changes.get(m) for m in wanted], pa.int64()),
     })
@@ -209,55 +113,93 @@ class CalculatedAttributeEngine:
 
     def compute_all(self, ca: CalculatedAttribute, as_of_ms: int | None = None) -> None:
         """Full computation (activation, backfill): replaces every value of `ca`, reporting progress."""
-        status = self.status_of(ca.id)
-        with status.lock, self._gate.computing():
-            status.state, status.progress, status.started_ms, status.finished_ms, status.error = (
-                "calculating", 0.0, now_ms(), None, None)
-            definition = ca.active()
+        self.compute_many([ca], as_of_ms)
+
+    def compute_many(self, attributes: Sequence[CalculatedAttribute], as_of_ms: int | None = None) -> None:
+        """Full computation of attributes of one workspace (start-up computes every active one): replaces all
+        their values in one transaction, reporting progress on each. Definitions of one event type share every
+        read, which is most of the work."""
+        if not attributes:
+            return
+        with self._computing(attributes) as ordered:
+            statuses = [self.status_of(ca.id) for ca in ordered]
+            started = now_ms()
+            for status in statuses:
+                status.state, status.progress, status.started_ms, status.finished_ms, status.error = (
+                    "calculating", 0.0, started, None, None)
+            definitions = [ca.active() for ca in ordered]
             as_of = as_of_ms or now_ms()
             cursor = self._connection.cursor()
             try:
                 cursor.begin()
-                cursor.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ?", [ca.id])
+                cursor.execute("DELETE FROM calculated_attribute_values WHERE list_contains(?, ca_id)",
+                               [[ca.id for ca in ordered]])
                 for chunk in range(CHUNKS):
-                    events = read_events(cursor, ca.workspace_id, definition, as_of, chunk=chunk)
-                    seeds = read_seeds(cursor, ca.id, chunk=chunk)
-                    rows = value_rows(definition, events, as_of, None, ca.workspace_id, ca.id, seeds)  # noqa: F841
-                    cursor.execute("INSERT INTO calculated_attribute_values SELECT * FROM rows")
-                    status.progress = (chunk + 1) / CHUNKS
+                    for position, events in read_each(cursor, ordered[0].workspace_id, definitions, as_of,
+                                                      chunk=chunk):
+                        ca = ordered[position]
+                        seeds = read_seeds(cursor, ca.id, chunk=chunk)
+                        rows = value_rows(definitions[position], events, as_of, None, ca.workspace_id,  # noqa: F841
+                                          ca.id, seeds)
+                        cursor.execute("INSERT INTO calculated_attribute_values SELECT * FROM rows")
+                    for status in statuses:
+                        status.progress = (chunk + 1) / CHUNKS
                 cursor.commit()
-                status.state, status.finished_ms = "ready", now_ms()
+                finished = now_ms()
+                for status in statuses:
+                    status.state, status.finished_ms = "ready", finished
             except Exception as exc:
                 cursor.rollback()
-                status.state, status.error = "failed", str(exc)
+                for status in statuses:
+                    status.state, status.error = "failed", str(exc)
                 raise
             finally:
                 cursor.close()
 
     def refresh(self, ca: CalculatedAttribute, mpids: list[int], as_of_ms: int | None = None) -> None:
         """Incremental: recompute these profiles only (an ingested batch touched them, or time changed them)."""
-        if not mpids:
-            return
-        definition, as_of = ca.active(), as_of_ms or now_ms()
-        cursor = self._connection.cursor()
-        # a running full computation holds the lock: waiting for it keeps the two from writing the same rows,
-        # and this refresh then sees the events that arrived meanwhile
-        with self.status_of(ca.id).lock, self._gate.computing():
-            self._refresh(cursor, ca, definition, mpids, as_of)
+        self.refresh_many([ca], mpids, as_of_ms)
 
-    def _refresh(self, cursor: duckdb.DuckDBPyConnection, ca: CalculatedAttribute, definition: Definition,
-                 mpids: list[int], as_of: int) -> None:
-        try:
-            events = read_events(cursor, ca.workspace_id, definition, as_of, mpids=mpids)
-            seeds = read_seeds(cursor, ca.id, mpids=mpids)
-            rows = value_rows(definition, events, as_of, mpids, ca.workspace_id, ca.id, seeds)  # noqa: F841
-            cursor.begin()
-            cursor.execute("DELETE FROM calculated_attribute_values WHERE ca_id = ? AND list_contains(?, mpid)",
-                           [ca.id, mpids])
-            cursor.execute("INSERT INTO calculated_attribute_values SELECT * FROM rows")
-            cursor.commit()
-        finally:
-            cursor.close()
+    def refresh_many(self, attributes: Sequence[CalculatedAttribute], mpids: list[int],
+                     as_of_ms: int | None = None) -> None:
+        """Incremental for attributes of one workspace: these profiles only, definitions of one event type
+        sharing each read, all values replaced in one transaction."""
+        if not mpids or not attributes:
+            return
+        as_of = as_of_ms or now_ms()
+        # a running full computation holds its attribute's lock: waiting for it keeps the two from writing the
+        # same rows, and this refresh then sees the events that arrived meanwhile
+        with self._computing(attributes) as ordered:
+            definitions = [ca.active() for ca in ordered]
+            cursor = self._connection.cursor()
+            try:
+                frames = []
+                for position, events in read_each(cursor, ordered[0].workspace_id, definitions, as_of, mpids=mpids):
+                    ca = ordered[position]
+                    seeds = read_seeds(cursor, ca.id, mpids=mpids)
+                    frames.append(value_rows(definitions[position], events, as_of, mpids, ca.workspace_id, ca.id,
+                                             seeds))
+                rows = pa.concat_tables(frames)  # noqa: F841 (read by the INSERT below)
+                cursor.begin()
+                cursor.execute("DELETE FROM calculated_attribute_values WHERE list_contains(?, ca_id) "
+                               "AND list_contains(?, mpid)", [[ca.id for ca in ordered], mpids])
+                cursor.execute("INSERT INTO calculated_attribute_values SELECT * FROM rows")
+                cursor.commit()
+            finally:
+                cursor.close()
+
+    @contextmanager
+    def _computing(self, attributes: Sequence[CalculatedAttribute]) -> Iterator[list[CalculatedAttribute]]:
+        """Holds the attributes' locks (taken in id order, so two computations never wait on each other crosswise)
+        and the computation gate; yields the attributes in that order."""
+        if len({ca.workspace_id for ca in attributes}) != 1:
+            raise ValueError("attributes computed together belong to one workspace")
+        ordered = sorted(attributes, key=lambda ca: ca.id)
+        with ExitStack() as held:
+            for ca in ordered:
+                held.enter_context(self.status_of(ca.id).lock)
+            held.enter_context(self._gate.computing())
+            yield ordered
 
     def due(self, ca: CalculatedAttribute, as_of_ms: int) -> list[int]:
         """Profiles whose value time alone has changed by `as_of_ms`."""

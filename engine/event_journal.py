@@ -61,7 +61,8 @@ CREATE TABLE events_base (
     custom_attributes JSON,
     data JSON NOT NULL,
     copied_from_mpid BIGINT,
-    alias_id VARCHAR
+    alias_id VARCHAR,
+    arrival BIGINT NOT NULL
 );
 
 CREATE TABLE user_attributes_base (
@@ -101,7 +102,12 @@ CREATE TABLE alias_effects (
 
 _EVENT_COLUMNS = """workspace_id, mpid, batch_id, event_index, event_type, event_name, custom_event_type, timestamp_ms,
     received_ms, session_uuid, session_id, event_id, source_message_id, environment, custom_attributes, data,
-    copied_from_mpid, alias_id"""
+    copied_from_mpid, alias_id, arrival"""
+
+# Arrival order: the journal row's seq (the writer numbers rows in commit order and never reuses a number while
+# an event carries it, engine/writer.py) then the event's place in its batch. A batch is at most 128 KiB
+# (engine/ingest.py), so it holds fewer than 2^16 events; 2^20 leaves room and gives seq 43 bits.
+ARRIVAL_SPAN = 1 << 20
 
 # unnest + one multi-path extraction per event: about 3x cheaper than json_each with a path walk per column
 _EVENT_TEXT_PATHS = ["$.event_type", "$.data.event_name", "$.data.screen_name", "$.data.custom_event_type",
@@ -113,12 +119,13 @@ _JOURNAL_EVENTS = f"""
            coalesce(TRY_CAST(t[5] AS DOUBLE)::BIGINT, default_timestamp_ms) AS timestamp_ms, received_ms,
            t[6] AS session_uuid, TRY_CAST(t[7] AS BIGINT) AS session_id, t[8] AS event_id, t[9] AS source_message_id,
            environment, nullif(data->'custom_attributes', 'null'::JSON) AS custom_attributes,
-           coalesce(data, '{{}}'::JSON) AS data, NULL::BIGINT AS copied_from_mpid, NULL::VARCHAR AS alias_id
+           coalesce(data, '{{}}'::JSON) AS data, NULL::BIGINT AS copied_from_mpid, NULL::VARCHAR AS alias_id,
+           seq * {ARRIVAL_SPAN} + event_index - 1 AS arrival
     FROM (SELECT * EXCLUDE (event), json_extract_string(event, {_EVENT_TEXT_PATHS}) AS t,
                  json_extract(event, '$.data') AS data
           FROM (SELECT * EXCLUDE (event_list), unnest(event_list) AS event,
                        generate_subscripts(event_list, 1) AS event_index
-                FROM (SELECT {EVENTS.select(exclude=('events',))}, json_extract(payload, '$[6][*]') AS event_list
+                FROM (SELECT seq, {EVENTS.select(exclude=('events',))}, json_extract(payload, '$[6][*]') AS event_list
                       FROM write_journal WHERE kind = 'events')))"""
 
 _JOURNAL_ATTRIBUTES = f"""
@@ -195,6 +202,21 @@ def fold_statements() -> list[str]:
     ]
 
 
+def arrival_migration() -> str:
+    """Migration 6: events stored before arrival was, numbered in the order it used to be ranked at read time,
+    (received_ms, batch_id, event_index), and below zero: under every seq-numbered event, since the journal may
+    hold unfolded ones numbered from 1 up when this runs. Fresh databases get the column from TABLES_DDL (with
+    NOT NULL, which DuckDB cannot add to a column updated in the same transaction)."""
+    return f"""
+ALTER TABLE events_base ADD COLUMN IF NOT EXISTS arrival BIGINT;
+UPDATE events_base SET arrival = (b.batch_rank - b.batches - 1) * {ARRIVAL_SPAN} + events_base.event_index
+FROM (SELECT received_ms, batch_id, row_number() OVER (ORDER BY received_ms, batch_id) AS batch_rank,
+             count(*) OVER () AS batches
+      FROM (SELECT DISTINCT received_ms, batch_id FROM events_base WHERE arrival IS NULL)) AS b
+WHERE events_base.arrival IS NULL AND b.received_ms = events_base.received_ms AND b.batch_id = events_base.batch_id;
+""" + ";\n".join(view_statements()) + ";\n" + COMMENTS
+
+
 COMMENTS = """
 COMMENT ON VIEW batches IS 'Every accepted Events API batch: envelope (device_info, application_info, ...) without events';
 COMMENT ON COLUMN batches.batch_id IS 'the client batch_id, or one idmesh assigned (b_...) when it sent none';
@@ -206,6 +228,7 @@ COMMENT ON COLUMN events.event_name IS 'event_name, or screen_name for screen_vi
 COMMENT ON COLUMN events.timestamp_ms IS 'the event timestamp_unixtime_ms, else the batch one, else the receive time';
 COMMENT ON COLUMN events.copied_from_mpid IS 'set on copies made by alias processing: the source profile';
 COMMENT ON COLUMN events.alias_id IS 'the alias whose processing made this copy (POST /v1/unalias removes them)';
+COMMENT ON COLUMN events.arrival IS 'arrival order (a copy keeps its original''s): orders events with equal timestamps';
 COMMENT ON VIEW user_attributes IS 'Current user attributes per workspace and profile (latest timestamp wins)';
 COMMENT ON COLUMN user_attributes.value IS 'JSON: string, number, boolean, list or null (a tag)';
 COMMENT ON COLUMN user_attributes.updated_ms IS 'timestamp of the batch that set the value';

@@ -104,5 +104,6 @@ CREATE TABLE hub_values_base (
     (3, "data subject requests, erasure tombstones", dsr_store.TABLES_DDL),
     (4, "calculated attributes", ca_schema.DEFINITIONS_DDL + ca_schema.VALUES_DDL),
     (5, "calculated attribute seeds", ca_schema.SEEDS_DDL),
+    (6, "events: arrival order stored", event_journal.arrival_migration()),
     (7, "audiences: definitions, membership history, sizes", audience_schema.MIGRATION_SQL),
 ]

@@ -76,6 +76,16 @@ def fold(cur: duckdb.DuckDBPyConnection) -> None:
     cur.execute("DELETE FROM write_journal WHERE seq <= ?", [last_seq])
 
 
+def next_journal_seq(connection: duckdb.DuckDBPyConnection) -> int:
+    """The first seq for new journal rows: above every row in the journal and every seq an event's arrival
+    holds, so arrival order (engine/event_journal.py) keeps rising across restarts, after folds emptied the
+    journal. Other journal rows need seq only while they are in it, so reusing their numbers is harmless."""
+    in_journal, in_events = connection.execute(
+        "SELECT (SELECT coalesce(max(seq), 0) FROM write_journal), "
+        "(SELECT coalesce(max(arrival), 0) FROM events_base)").fetchall()[0]
+    return 1 + max(in_journal, in_events // event_journal.ARRIVAL_SPAN)
+
+
 def fold_journal_at_start(connection: duckdb.DuckDBPyConnection) -> None:
     """Fold what the last run left in the journal, so the writer starts from an empty one."""
     left = connection.execute("SELECT count(*) FROM write_journal").fetchone()[0]

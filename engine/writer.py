@@ -59,7 +59,7 @@ class GroupCommitWriter:
     def __init__(self, connection: duckdb.DuckDBPyConnection, max_batches: int = 2000,
                  fold_rows: int = FOLD_ROWS, fold_seconds: float = 10.0) -> None:
         self._cursor = connection.cursor()
-        self._next_seq = 1 + (connection.execute("SELECT coalesce(max(seq), 0) FROM write_journal").fetchone()[0])
+        self._next_seq = store.next_journal_seq(connection)
         self._fold_rows = fold_rows
         self._fold_seconds = fold_seconds
         self._journal_rows = 0

@@ -36,23 +36,23 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 class PausedReads:
-    """Wraps engine.ca_engine.read_events: once armed, the next read returns its events only when `resume` is set."""
+    """Wraps engine.ca_engine.read_each: once armed, the next read hands over its events only when `resume` is set."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed = False
         self.paused = threading.Event()
         self.resume = threading.Event()
-        original = ca_engine.read_events
+        original = ca_engine.read_each
 
-        def read_then_pause(*args: Any, **kwargs: Any) -> Any:
-            events = original(*args, **kwargs)
-            if self.armed:
-                self.armed = False
-                self.paused.set()
-                assert self.resume.wait(WAIT_S), "the test never resumed the computation"
-            return events
+        def read_then_pause(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            for read in original(*args, **kwargs):
+                if self.armed:
+                    self.armed = False
+                    self.paused.set()
+                    assert self.resume.wait(WAIT_S), "the test never resumed the computation"
+                yield read
 
-        monkeypatch.setattr(ca_engine, "read_events", read_then_pause)
+        monkeypatch.setattr(ca_engine, "read_each", read_then_pause)
 
 
 @pytest.fixture
