@@ -129,8 +129,8 @@ def size_history(cursor: duckdb.DuckDBPyConnection, workspace_id: str, audience_
 
 def audience_stats(cursor: duckdb.DuckDBPyConnection, workspace_id: str, at_ms: int,
                    audience_ids: list[int] | None = None) -> dict[int, AudienceStats]:
-    """Stats of the workspace's defined audiences (or those of `audience_ids`) for the 24 hours up to `at_ms`;
-    the same query as the `audience_stats` view, which uses the time of the query."""
+    """Stats of the workspace's defined audiences (or those of `audience_ids`): adds and drops in the 24 hours up
+    to `at_ms`, the current size. The same query as the `audience_stats` view, which uses the time of the query."""
     rows = cursor.execute(f"""SELECT audience_id, name, size, adds_24h, drops_24h, volatility, changed_ms
                               FROM ({stats_query("$at")}) WHERE workspace_id = $workspace
                                 AND ($ids IS NULL OR list_contains($ids, audience_id))
