@@ -45,6 +45,13 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
             yield
         finally:
             scheduler.shutdown(wait=False)
+            # uvicorn re-raises SIGTERM once the lifespan has ended, which kills the process before `idmesh serve`
+            # can close the service: close it here, so DuckDB checkpoints and the next start replays no WAL. Queued
+            # upkeep runs first; the gate waits for computations the scheduler left running (DuckDB refuses to
+            # close a connection under a busy cursor).
+            await ca_routes.background_idle(app.state.background_tasks)
+            async with service.computation_gate.exclusive():
+                service.close()
 
     app = FastAPI(title="idmesh", version="0.1.0", lifespan=lifespan,
                   description="Identity resolution speaking mParticle's IDSync wire format")

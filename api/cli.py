@@ -73,7 +73,7 @@ def serve_command(args: argparse.Namespace) -> int:
                     access_log=False, log_level="warning", loop="uvloop", http="httptools",
                     timeout_graceful_shutdown=5)  # an idle TLS keep-alive otherwise holds SIGTERM for 30 s
     finally:
-        service.close()
+        service.close()  # the app's lifespan closed it already, unless the app never started (a port in use)
     return 0
 
 

@@ -86,6 +86,7 @@ class IdSyncService:
         self.tombstones.load(connection)
         # computations writing per-profile rows outside the group commit share it; erasures hold it alone
         self.computation_gate = ComputationGate()
+        self._closed = False
 
     @classmethod
     def open(cls, db_path: str) -> IdSyncService:
@@ -94,7 +95,17 @@ class IdSyncService:
         return cls(connection, MasterKey.for_database(db_path))
 
     def close(self) -> None:
+        """Commit what is queued, checkpoint and close; closing again does nothing. The explicit checkpoint
+        empties the WAL even when something still holds the database open (an unread Arrow stream keeps
+        DuckDB from checkpointing at close), so the next start has nothing to replay."""
+        if self._closed:
+            return
+        self._closed = True
         self.writer.close()
+        try:
+            self.connection.execute("CHECKPOINT")
+        except duckdb.Error as exc:  # e.g. a database DuckDB invalidated: the next start replays its WAL
+            log.warning("no checkpoint at close: %s", exc)
         self.connection.close()
         gc.unfreeze()  # build_graphs froze the graph; let the collector have it back
 
