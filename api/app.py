@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from api import (
+    audience_routes,
     ca_routes,
     dsr_routes,
     events_routes,
@@ -24,6 +26,8 @@ from api.body import add_body_schemas
 from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
+from audiences.registry import AudienceRegistry
+from audiences.upkeep import STANDARD_POLL_SECONDS, TIME_DRIVEN_SECONDS, AudienceUpkeep
 from engine.ca_engine import CalculatedAttributeEngine
 from engine.ca_registry import CalculatedAttributeRegistry
 from engine.dsr import DsrService
@@ -40,7 +44,12 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
         # values that time alone changes (calculated attribute windows, future-stamped events)
         scheduler.add_job(ca_routes.refresh_time_driven, "interval", seconds=CA_TIME_POLL_SECONDS, args=[app],
                           id="calculated-attributes-time", max_instances=1, coalesce=True)
-        ca_routes.recompute_after_start(app)
+        # standard audiences when due; real-time ones whose time windows move with the clock (audiences/upkeep.py)
+        scheduler.add_job(upkeep.evaluate_due_standard, "interval", seconds=STANDARD_POLL_SECONDS,
+                          id="audiences-standard", max_instances=1, coalesce=True)
+        scheduler.add_job(upkeep.evaluate_time_driven, "interval", seconds=TIME_DRIVEN_SECONDS,
+                          id="audiences-time", max_instances=1, coalesce=True)
+        upkeep.evaluate_after_start(ca_routes.recompute_after_start(app))
         try:
             yield
         finally:
@@ -61,8 +70,13 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.state.calculated = CalculatedAttributeRegistry()
     app.state.calculated.load(service.connection)
     app.state.calculation = CalculatedAttributeEngine(service.connection, service.computation_gate)
-    app.state.background_tasks = set()  # computations running off the event loop (api/ca_routes.py)
-    app.state.ca_pending, app.state.ca_drain = {}, None  # profiles awaiting incremental upkeep, and its task
+    app.state.audiences = AudienceRegistry(lambda ws, ca_id: any(ca.id == ca_id for ca in app.state.calculated.active(ws)))
+    app.state.audiences.load(service.connection)
+    app.state.audience_changes = asyncio.Lock()  # one audience definition change at a time (audiences/registry.py)
+    upkeep = AudienceUpkeep(service.connection, app.state.audiences, app.state.calculated, app.state.calculation,
+                            service.computation_gate)
+    app.state.upkeep = upkeep
+    app.state.background_tasks = upkeep.tasks  # computations running off the event loop (audiences/upkeep.py)
     app.state.admin_token = admin_token
     app.state.buckets = TokenBuckets()
     install_error_handlers(app)
@@ -75,6 +89,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.include_router(sql_routes.router)
     app.include_router(dsr_routes.router)
     app.include_router(ca_routes.router)
+    app.include_router(audience_routes.router)
 
     @app.get("/healthz", tags=["Health"])
     async def healthz() -> Response:

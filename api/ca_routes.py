@@ -7,7 +7,6 @@ full computation runs in the background and `GET .../{id}/calculation` reports i
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import orjson
@@ -18,16 +17,15 @@ from api.auth import admin_or_own_workspace, check_admin
 from api.body import body_schema
 from api.models import CalculatedAttributeBody, CaSeedsBody
 from api.responses import json_response, service_of
+from audiences.upkeep import background_idle as background_idle  # tests and api/app.py wait with it
+from audiences.upkeep import lock_held
 from engine.ca_engine import CalculatedAttributeEngine, seed_statement
 from engine.ca_registry import CalculatedAttribute, CalculatedAttributeRegistry
 from engine.ca_seeds import parse_seeds
-from engine.errors import BadRequest
-from engine.store import now_ms
-from engine.workspaces import Workspace
+from engine.errors import BadRequest, Conflict
 from engine.writer import WriteBatch
 
 router = APIRouter(prefix="/platform/v2/workspaces/{workspace_id}/calculatedattributes", tags=["Calculated attributes"])
-log = logging.getLogger("idmesh.calculated")
 
 
 def registry_of(request: Request) -> CalculatedAttributeRegistry:
@@ -100,14 +98,18 @@ async def delete_calculated_attribute(request: Request, workspace_id: str, ca_id
     batch = registry_of(request).plan_delete(workspace.id, number)
     for table in ("calculated_attribute_values", "calculated_attribute_seeds"):
         batch.statements.append(lambda cur, table=table: cur.execute(f"DELETE FROM {table} WHERE ca_id = ?", [number]))
-    # a running computation writes the same value rows in its own transaction: wait for it, or the two conflict
-    lock = engine_of(request).status_of(number).lock
-    await asyncio.to_thread(lock.acquire)
-    try:
-        await service_of(request).commit(batch)
-        registry_of(request).remember(None, forget_id=number)
-    finally:
-        lock.release()
+    # audiences compare its value: deleting it would leave their criteria reading nothing. Checked under the lock
+    # audience changes take, so no audience starts reading it between the check and the commit.
+    async with request.app.state.audience_changes:
+        readers = request.app.state.audiences.readers_of_calculated_attribute(workspace.id, number)
+        if readers:
+            named = ", ".join(f"{a.id} ({a.name!r})" for a in readers)
+            raise Conflict(f"calculated attribute {number} is part of the criteria of audience {named}: change or "
+                           "delete that first")
+        # a running computation writes the same value rows in its own transaction: wait for it, or the two conflict
+        async with lock_held(engine_of(request).status_of(number).lock):
+            await service_of(request).commit(batch)
+            registry_of(request).remember(None, forget_id=number)
     return Response(status_code=204)
 
 
@@ -162,68 +164,18 @@ async def calculation(request: Request, workspace_id: str, ca_id: str) -> Respon
     return json_response(engine_of(request).status_of(ca.id).as_json())
 
 
-def start_full_computation(app: FastAPI, ca: CalculatedAttribute) -> None:
-    tasks: set[asyncio.Task[None]] = app.state.background_tasks
-    task = asyncio.create_task(asyncio.to_thread(app.state.calculation.compute_all, ca))
-    tasks.add(task)  # keep a reference until done, or the loop may drop the task
-    task.add_done_callback(_finished(tasks, ca))
+def start_full_computation(app: FastAPI, ca: CalculatedAttribute) -> asyncio.Task[None]:
+    return app.state.upkeep.start(asyncio.to_thread(app.state.calculation.compute_all, ca),
+                                  f"computing calculated attribute {ca.id}")
 
 
-def _finished(tasks: set[asyncio.Task[None]], ca: CalculatedAttribute) -> Any:
-    def done(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("computing calculated attribute %s failed: %s", ca.id, task.exception())
-    return done
-
-
-def refresh_in_background(request: Request, workspace: Workspace, mpids: list[int]) -> None:
-    """Incremental upkeep after an ingested batch, for every active attribute of the workspace and the touched
-    profiles only. Touched profiles gather while a refresh runs and go together into the next one, so a busy
-    ingest costs a few large refreshes rather than one DuckDB read per request."""
-    if not mpids or not registry_of(request).active(workspace.id):
-        return
-    state = request.app.state
-    pending: dict[str, set[int]] = state.ca_pending
-    pending.setdefault(workspace.id, set()).update(mpids)
-    if state.ca_drain is None or state.ca_drain.done():
-        state.ca_drain = asyncio.create_task(_drain(state))
-        state.background_tasks.add(state.ca_drain)
-        state.ca_drain.add_done_callback(state.background_tasks.discard)
-
-
-async def _drain(state: Any) -> None:
-    while state.ca_pending:
-        workspace_id, mpids = state.ca_pending.popitem()
-        for ca in state.calculated.active(workspace_id):
-            try:
-                await asyncio.to_thread(state.calculation.refresh, ca, sorted(mpids))
-            except Exception as exc:  # keep draining; the values stay as they were and the next batch retries
-                log.error("refreshing calculated attribute %s failed: %s", ca.id, exc)
-
-
-def recompute_after_start(app: FastAPI) -> None:
+def recompute_after_start(app: FastAPI) -> list[asyncio.Task[None]]:
     """Values are derived data written outside the group commit: a full computation a crash cut short left the
     previous values (its transaction rolled back), so start-up computes every active attribute again."""
-    for ca in app.state.calculated.all_active():
-        start_full_computation(app, ca)
+    return [start_full_computation(app, ca) for ca in app.state.calculated.all_active()]
 
 
 async def refresh_time_driven(app: FastAPI, as_of_ms: int | None = None) -> int:
-    """Scheduler job: recompute the values time alone has changed (windows, future-stamped events).
-    Returns how many profile values were recomputed."""
-    engine: CalculatedAttributeEngine = app.state.calculation
-    as_of = as_of_ms or now_ms()
-    recomputed = 0
-    for ca in app.state.calculated.all_active():
-        mpids = await asyncio.to_thread(engine.due, ca, as_of)
-        if mpids:
-            await asyncio.to_thread(engine.refresh, ca, mpids, as_of)
-            recomputed += len(mpids)
-    return recomputed
-
-
-async def background_idle(tasks: set[asyncio.Task[None]]) -> None:
-    """Wait until every computation started so far has finished (tests, and an orderly shutdown)."""
-    while tasks:
-        await asyncio.gather(*list(tasks), return_exceptions=True)
+    """Scheduler job: recompute the values time alone has changed (windows, future-stamped events), and the
+    real-time audiences of those profiles (audiences/upkeep.py). Returns how many profile values were recomputed."""
+    return await app.state.upkeep.refresh_time_driven_attributes(as_of_ms)

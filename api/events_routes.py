@@ -12,10 +12,9 @@ from starlette.responses import Response
 
 from api.auth import authenticate_workspace
 from api.body import body_schema
-from api.ca_routes import refresh_in_background
 from api.errors import error_response
 from api.models import EventBatch
-from api.responses import json_response, service_of
+from api.responses import json_response, service_of, upkeep_of
 from engine.errors import BadRequest
 from engine.ingest import BatchOutcome, EventIngestor, check_bulk_count, check_request_size
 
@@ -46,7 +45,7 @@ async def _single(request: Request, source: str, key_in_path: str | None = None)
     [outcome] = await ingestor_of(request).ingest(workspace, [batch], source, sizes=[size])
     if outcome.error is not None:
         raise outcome.error
-    refresh_in_background(request, workspace, touched([outcome]))
+    upkeep_of(request).profiles_touched(workspace.id, touched([outcome]))
     return json_response(outcome.as_json(), status=202)
 
 
@@ -69,12 +68,12 @@ async def bulk_events(request: Request) -> Response:
     workspace = await authenticate_workspace(request, service_of(request), allow_key_only=False)
     body, _ = await read_json_body(request)
     outcomes = await ingestor_of(request).ingest(workspace, check_bulk_count(body), "s2s")
-    refresh_in_background(request, workspace, touched(outcomes))
+    upkeep_of(request).profiles_touched(workspace.id, touched(outcomes))
     return bulk_answer(outcomes)
 
 
 def touched(outcomes: list[BatchOutcome]) -> list[int]:
-    """The profiles whose calculated attributes an ingest may have changed."""
+    """The profiles whose calculated attributes and real-time audiences an ingest may have changed."""
     return sorted({o.mpid for o in outcomes if o.status == "accepted" and o.mpid is not None})
 
 

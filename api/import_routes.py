@@ -11,9 +11,8 @@ from starlette.responses import Response
 
 from api.auth import check_admin
 from api.body import body_schema
-from api.ca_routes import refresh_in_background
 from api.events_routes import BulkBody, bulk_answer, ingestor_of, read_json_body, touched
-from api.responses import service_of
+from api.responses import service_of, upkeep_of
 from engine.csv_import import SOURCE
 from engine.errors import Unauthorized
 from engine.ingest import check_bulk_count
@@ -30,5 +29,5 @@ async def import_events(request: Request, workspace_id: str) -> Response:
     workspace = service_of(request).workspaces.get(workspace_id)
     body, _ = await read_json_body(request)
     outcomes = await ingestor_of(request).ingest(workspace, check_bulk_count(body), SOURCE)
-    refresh_in_background(request, workspace, touched(outcomes))
+    upkeep_of(request).profiles_touched(workspace.id, touched(outcomes))
     return bulk_answer(outcomes)

@@ -191,3 +191,102 @@ class CaSeed(BaseModel):
 
 class CaSeedsBody(BaseModel):
     seeds: list[CaSeed]
+
+
+# --- audiences: documentation only, audiences/definitions.py validates (docs/audiences.md) ----------------------
+
+class AudienceCount(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    operator: Literal["at_least", "at_most", "exactly", "more_than", "fewer_than", "between"]
+    value: int | None = Field(None, description="every operator but between")
+    values: list[int] | None = Field(None, description="between: [low, high], inclusive")
+
+
+class AudienceEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    event_type: Literal[tuple(sorted(EVENT_TYPES_FOR_CA))] | None = None  # type: ignore[valid-type]
+    event_name: str | None = None
+    conditions: list[CaCondition] | None = None
+    time_period: CaTimePeriod | None = None
+    count: AudienceCount | None = None
+
+
+class AudienceComparison(BaseModel):
+    """A user attribute (`name`) or a calculated attribute (`id`) compared with `values`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    id: int | None = None
+    operator: Literal[(*OPERATORS, "not_exists")]  # type: ignore[valid-type]
+    value_type: Literal["string", "number", "boolean"] | None = None
+    values: list[str | float | bool] = []
+
+
+class AudienceIdentity(BaseModel):
+    type: str = Field(json_schema_extra=_IDENTITY_TYPE)
+    present: bool = True
+
+
+class AudienceWithin(BaseModel):
+    value: int
+    unit: Literal["hours", "days"]
+
+
+class AudienceProfileTime(BaseModel):
+    field: Literal["first_seen", "last_seen"]
+    within_last: AudienceWithin | None = None
+    before: str | int | None = Field(None, description="an ISO 8601 date or a unix time in milliseconds")
+    after: str | int | None = Field(None, description="an ISO 8601 date or a unix time in milliseconds")
+
+
+class AudienceConsent(BaseModel):
+    gdpr_purpose: str | None = None
+    consented: bool | None = None
+    ccpa_data_sale_opt_out: bool | None = None
+
+
+class AudienceMembership(BaseModel):
+    id: int
+    member: bool = True
+
+
+class AudienceCriteria(BaseModel):
+    """Exactly one key: a branch (all, any, not) or a leaf."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    all: list[AudienceCriteria] | None = None
+    any: list[AudienceCriteria] | None = None
+    not_: AudienceCriteria | None = Field(None, alias="not")
+    event: AudienceEvent | None = None
+    user_attribute: AudienceComparison | None = None
+    calculated_attribute: AudienceComparison | None = None
+    identity: AudienceIdentity | None = None
+    profile: AudienceProfileTime | None = None
+    consent: AudienceConsent | None = None
+    audience: AudienceMembership | None = None
+
+
+class AudienceBody(BaseModel):
+    """POST creates (name and criteria required); PUT takes the same keys, and those it leaves out keep their
+    values."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    external_name: str | None = Field(None, description="what partners see; defaults to name")
+    description: str | None = None
+    type: Literal["real_time", "standard"] | None = None
+    refresh_minutes: int | None = Field(None, description="standard audiences: 5 to 10080, default 60")
+    criteria: AudienceCriteria | None = None
+
+
+class AudiencePreviewBody(BaseModel):
+    """A definition to try; only `criteria` is read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    criteria: AudienceCriteria

@@ -1,4 +1,4 @@
-"""What every router needs from the app: its service, and JSON answers."""
+"""What every router needs from the app: its service, the upkeep of derived data, and JSON answers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from audiences.upkeep import AudienceUpkeep
 from engine.idsync import IdSyncService
 
 
@@ -17,3 +18,8 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 def service_of(request: Request) -> IdSyncService:
     return request.app.state.service
+
+
+def upkeep_of(request: Request) -> AudienceUpkeep:
+    """Calculated attributes and audiences kept up to date after ingest, on schedule and on demand."""
+    return request.app.state.upkeep

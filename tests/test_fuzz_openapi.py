@@ -57,13 +57,15 @@ class Seeded:
     other: WorkspaceCredentials  # a second workspace: the first's credentials must get 403 there
     mpids: tuple[str, ...]
     calculated_attribute: str
+    audience: str
 
     def path_values(self, method: str) -> dict[str, list[str]]:
         # PUT on the caller's own workspace would let generated settings (a rate limit, key-only auth off) steer
         # the rest of the run, and a DELETE would take the seeded attribute from the operations after it.
         workspaces = [self.other.id] if method == "PUT" else [self.workspace.id, self.other.id]
         return {"workspace_id": workspaces, "mpid": list(self.mpids), "api_key": [self.workspace.api_key],
-                "ca_id": [] if method == "DELETE" else [self.calculated_attribute]}
+                "ca_id": [] if method == "DELETE" else [self.calculated_attribute],
+                "audience_id": [] if method == "DELETE" else [self.audience]}
 
 
 def _seed(server: LiveServer) -> Seeded:
@@ -84,9 +86,12 @@ def _seed(server: LiveServer) -> Seeded:
         created = client.http.post(f"/platform/v2/workspaces/{workspace.id}/calculatedattributes", auth=client.auth,
                                    json={"name": "seeded events", "draft_definition": definition})
         assert created.status_code == 201, created.text
+        audience = client.http.post(f"/platform/v2/workspaces/{workspace.id}/audiences", auth=client.auth, json={
+            "name": "seeded players", "criteria": {"event": {"event_type": "custom_event", "event_name": "seeded"}}})
+        assert audience.status_code == 201, audience.text
     finally:
         client.close()
-    return Seeded(workspace, other, mpids, str(created.json()["id"]))
+    return Seeded(workspace, other, mpids, str(created.json()["id"]), str(audience.json()["id"]))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +196,8 @@ def test_every_operation_answers_below_500_and_as_documented(case: schemathesis.
 def test_every_post_and_put_documents_the_body_it_reads(server: LiveServer) -> None:
     """Routes read their bodies themselves (api/body.py), so FastAPI cannot infer them: without
     `openapi_extra=body_schema(Model)` the document shows no body and fuzzers never send one."""
-    bodiless = {("POST", "/platform/v2/workspaces/{workspace_id}/calculatedattributes/{ca_id}/activation")}  # reads none
+    bodiless = {("POST", "/platform/v2/workspaces/{workspace_id}/calculatedattributes/{ca_id}/activation"),  # read none
+                ("POST", "/platform/v2/workspaces/{workspace_id}/audiences/{audience_id}/calculation")}
     document = httpx.get(f"{server.base_url}/openapi.json").json()
     missing = [(method.upper(), path) for path, operations in document["paths"].items()
                for method, operation in operations.items()

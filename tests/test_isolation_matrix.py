@@ -90,6 +90,8 @@ class Tenant:
     ca_name: str = ""
     audience_id: int = 0                  # an audience holding `known`, which `anon` has left
     audience_name: str = ""
+    managed_audience: int = 0             # a real-time audience created through the Platform API, its registry
+    managed_audience_name: str = ""
     mpids: set[int] = field(default_factory=set)
     values: set[str] = field(default_factory=set)  # strings only this workspace's data and settings hold
     writes: int = 0                       # requests this test made with the workspace's own credentials
@@ -137,6 +139,13 @@ class Tenant:
         self.http.put(self.ca_path(f"/{self.ca_id}"), json={"draft_definition": count_of("isolation")},
                       headers=basic(self.key, self.secret)).raise_for_status()
         return self.ca_id
+
+    def audience_path(self, suffix: str = "") -> str:
+        return f"/platform/v2/workspaces/{self.id}/audiences{suffix}"
+
+    def new_audience(self) -> int:
+        body = {"name": unique(f"{self.label}-audience"), "criteria": {"identity": {"type": "customerid"}}}
+        return self.call(self.audience_path(), body)["id"]
 
     def submit_dsr(self, request_type: str = "access", skip_waiting_period: bool = False, **fields: Any) -> str:
         identities = {"controller_customer_id": self.customer_id}
@@ -282,9 +291,13 @@ def seed(server: LiveServer, label: str, settings: dict[str, Any]) -> Tenant:
     tenant.audience_name = unique(f"{label}-audience")
     tenant.audience_id = seed_audience(server, tenant.id, tenant.audience_name, [tenant.known, tenant.anon])
     apply_audience(server, tenant.id, tenant.audience_id, [tenant.known], now_ms())
+    tenant.managed_audience_name = unique(f"{label}-managed-audience")
+    tenant.managed_audience = tenant.call(tenant.audience_path(), {  # evaluated in the background: settle()
+        "name": tenant.managed_audience_name, "criteria": {"event": {"event_name": event_name}}})["id"]
     tenant.values = {tenant.id, tenant.key, tenant.secret, name, tenant.customer_id, tenant.other, tenant.email,
                      tenant.device, event_name, attribute, document, tenant.batch_id, tenant.request_id,
-                     tenant.alias_id, hub_email, tenant.ca_name, tenant.audience_name, *tenant.hub_customers}
+                     tenant.alias_id, hub_email, tenant.ca_name, tenant.audience_name,
+                     tenant.managed_audience_name, *tenant.hub_customers}
     return tenant
 
 
@@ -759,6 +772,53 @@ def ca_activation_attacks(world: World) -> list[Attack]:
                frozenset({204}), check=counted_nothing)]
 
 
+def audience_attacks(suffix: str, body: Any = None) -> Callable[[World], list[Attack]]:
+    """Audiences, as calculated attributes: the victim's workspace and a made-up one (403 both: no existence
+    oracle), the victim's audience id under the attacker's own workspace (404, as an id nobody has)."""
+    def build(world: World) -> list[Attack]:
+        victim, attacker = world.victim, world.attacker
+        tail = suffix.format(audience_id=victim.managed_audience)
+        made_up = f"/platform/v2/workspaces/ws_{secrets.token_hex(8)}/audiences{tail}"
+        attacks = [Attack("the victim's workspace", Call(victim.audience_path(tail), body), frozenset({403})),
+                   Attack("a workspace id that does not exist", Call(made_up, body), frozenset({403}))]
+        if "{audience_id}" in suffix:
+            attacks.append(Attack("the victim's audience under the attacker's workspace",
+                                  Call(attacker.audience_path(tail), body), frozenset({404})))
+        return attacks
+    return build
+
+
+def criteria_attacks(path: str, body: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[World], list[Attack]]:
+    """Criteria naming the victim's audience or calculated attribute: refused as ids nobody has (400)."""
+    def build(world: World) -> list[Attack]:
+        victim, attacker = world.victim, world.attacker
+        target = attacker.audience_path(path.format(audience_id=attacker.managed_audience))
+        return audience_attacks(path, body({"identity": {"type": "email"}}))(world) + [
+            Attack("the victim's audience in the criteria",
+                   Call(target, body({"audience": {"id": victim.managed_audience}})), frozenset({400})),
+            Attack("the victim's calculated attribute in the criteria", Call(target, body(
+                {"calculated_attribute": {"id": victim.ca_id, "operator": "exists"}})), frozenset({400}))]
+    return build
+
+
+def audience_create_attacks(world: World) -> list[Attack]:
+    named = {"name": world.victim.managed_audience_name, "criteria": {"identity": {"type": "email"}}}
+    # names are per workspace: a 409 would tell the attacker the victim has an audience of that name
+    return criteria_attacks("", lambda criteria: {"name": unique("attacker-audience"), "criteria": criteria})(world) + [
+        Attack("the victim's audience name", Call(world.attacker.audience_path(), named), frozenset({201}), once=True)]
+
+
+def audience_preview_attacks(world: World) -> list[Attack]:
+    """Criteria on the victim's event, previewed in the attacker's workspace: only the attacker's profiles count."""
+    def matched_nothing(response: httpx.Response) -> None:
+        assert response.json()["size"] == 0 and response.json()["sample"] == [], response.text
+
+    world.planted.add(world.victim.event_name)  # the attacker's own request holds it now
+    own = Call(world.attacker.audience_path("/preview"), {"criteria": {"event": {"event_name": world.victim.event_name}}})
+    return criteria_attacks("/preview", lambda criteria: {"criteria": criteria})(world) + [
+        Attack("criteria matching the victim's event", own, frozenset({200}), check=matched_nothing)]
+
+
 def admin_only_attacks(case: RouteCase) -> Callable[[World], list[Attack]]:
     def build(world: World) -> list[Attack]:
         return [Attack("the attacker's own credentials on the victim's workspace", case.request(world.victim),
@@ -876,6 +936,37 @@ ROUTES: dict[str, RouteCase] = {
     "GET /v3/discovery": RouteCase(Auth.PUBLIC, lambda t: Call("/v3/discovery"), 200),
     "GET /v3/discovery/": RouteCase(Auth.PUBLIC, lambda t: Call("/v3/discovery/"), 200),
     "GET /v3/processor_certificate.pem": RouteCase(Auth.PUBLIC, lambda t: Call("/v3/processor_certificate.pem"), 200),
+}
+AUDIENCES = "/platform/v2/workspaces/{workspace_id}/audiences"
+AUDIENCE = f"{AUDIENCES}/{{audience_id}}"
+EMAILED = {"identity": {"type": "email"}}
+ROUTES |= {
+    f"GET {AUDIENCES}": RouteCase(Auth.SECRET, lambda t: Call(t.audience_path()), 200, admin_too=True,
+                                  attacks=audience_attacks("")),
+    f"POST {AUDIENCES}": RouteCase(
+        Auth.SECRET, lambda t: Call(t.audience_path(), {"name": unique(t.label), "criteria": EMAILED}), 201,
+        admin_too=True, attacks=audience_create_attacks),
+    f"POST {AUDIENCES}/preview": RouteCase(
+        Auth.SECRET, lambda t: Call(t.audience_path("/preview"), {"criteria": EMAILED}), 200,
+        admin_too=True, attacks=audience_preview_attacks),
+    f"GET {AUDIENCE}": RouteCase(Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}")), 200,
+                                 admin_too=True, attacks=audience_attacks("/{audience_id}")),
+    f"PUT {AUDIENCE}": RouteCase(
+        Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}"), {"description": unique(t.label)}), 200,
+        admin_too=True, attacks=criteria_attacks("/{audience_id}", lambda criteria: {"criteria": criteria})),
+    f"DELETE {AUDIENCE}": RouteCase(Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.new_audience()}")), 204,
+                                    admin_too=True, attacks=audience_attacks("/{audience_id}")),
+    f"GET {AUDIENCE}/size.svg": RouteCase(Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}/size.svg")),
+                                          200, admin_too=True, attacks=audience_attacks("/{audience_id}/size.svg")),
+    f"POST {AUDIENCE}/calculation": RouteCase(
+        Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}/calculation")), 202, admin_too=True,
+        attacks=audience_attacks("/{audience_id}/calculation")),
+    f"GET {AUDIENCE}/calculation": RouteCase(
+        Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}/calculation")), 200, admin_too=True,
+        attacks=audience_attacks("/{audience_id}/calculation")),
+    # one org per deployment: every workspace's audiences, so the admin token only
+    "GET /platform/v2/audiences": RouteCase(Auth.ADMIN, lambda t: Call("/platform/v2/audiences", params={"accountId": "1"}),
+                                            200),
 }
 ROUTE_KEYS = sorted(ROUTES)
 PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "GET /docs", "GET /docs/oauth2-redirect", "GET /redoc",
