@@ -125,7 +125,8 @@ class AudienceUpkeep:
             await asyncio.gather(*waiting_for, return_exceptions=True)
             for workspace_id in self.audiences.workspaces():
                 ids = [a.id for a in self.audiences.list(workspace_id)]
-                await self.evaluate_in_background(workspace_id, ids)
+                # one workspace at a time; a failure is logged (and the status says it) and the others go on
+                await asyncio.wait([self.evaluate_in_background(workspace_id, ids)])
         self.start(run(), "evaluating audiences after start-up")
 
     async def evaluate_due_standard(self, as_of_ms: int | None = None) -> list[int]:
@@ -152,7 +153,10 @@ class AudienceUpkeep:
             if audience.is_real_time and audience.changes_with_time():
                 chosen.setdefault(audience.workspace_id, []).append(audience.id)
         for workspace_id, ids in chosen.items():
-            await asyncio.to_thread(self.evaluate_full, workspace_id, ids, as_of_ms)
+            try:
+                await asyncio.to_thread(self.evaluate_full, workspace_id, ids, as_of_ms)
+            except Exception as exc:  # the status says failed; the next run tries again
+                log.error("time-driven evaluation of audiences %s failed: %s", ids, exc)
         return sorted(i for ids in chosen.values() for i in ids)
 
     async def refresh_time_driven_attributes(self, as_of_ms: int | None = None) -> int:
