@@ -22,6 +22,8 @@ from engine.ca_compute import attribute_column
 from engine.ca_definitions import Definition
 
 CHUNKS = 16  # progress granularity of a full computation: profiles are split by mpid hash
+# calculations that look at arrival order (engine/ca_compute.py breaks ties at equal times with it)
+ORDERED_CALCULATIONS = frozenset({"first_occurrence", "last_occurrence", "unique_list", "most_frequent"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def read_each(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definitions:
     """(position, events) for every definition, one DuckDB read per shared read; a read's members follow it, so
     one read's rows are held at a time."""
     for shared in plan_reads(definitions, as_of_ms):
-        frame = _read(cursor, workspace_id, shared, mpids, chunk)
+        frame = _read(cursor, workspace_id, shared, definitions, mpids, chunk)
         for position in shared.members:
             yield position, _narrowed(frame, shared, definitions[position], as_of_ms)
 
@@ -70,13 +72,16 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
     return next(read_each(cursor, workspace_id, [definition], as_of_ms, mpids, chunk))[1]
 
 
-def _read(cursor: duckdb.DuckDBPyConnection, workspace_id: str, shared: SharedRead, mpids: list[int] | None,
-          chunk: int | None) -> pl.DataFrame:
+def _read(cursor: duckdb.DuckDBPyConnection, workspace_id: str, shared: SharedRead, definitions: Sequence[Definition],
+          mpids: list[int] | None, chunk: int | None) -> pl.DataFrame:
     where, where_params = _narrowing(workspace_id, shared, mpids, chunk)
     extracts, extract_params, picks = attribute_extractions(shared.attributes)
     # a boolean per name rather than the names themselves: far cheaper to hand over than millions of strings
     flags = [f"event_name = ? AS {_flag(index)}" for index in range(len(shared.flagged))]
-    inner = ", ".join(["mpid", "timestamp_ms", "arrival", *flags, *extracts])
+    # only order-dependent calculations look at arrival order; the others are spared reading the column
+    ordered = any(definitions[position].calculation_type in ORDERED_CALCULATIONS for position in shared.members)
+    arrival = "arrival" if ordered else "NULL::BIGINT AS arrival"
+    inner = ", ".join(["mpid", "timestamp_ms", arrival, *flags, *extracts])
     outer = ", ".join(["mpid", "timestamp_ms", "arrival AS event_order",
                        *(_flag(index) for index in range(len(shared.flagged))), *picks])
     query = f"SELECT {outer} FROM (SELECT {inner} FROM events WHERE {where})"
@@ -97,14 +102,15 @@ def _narrowed(frame: pl.DataFrame, shared: SharedRead, definition: Definition, a
     start = definition.time_period.start_ms(as_of_ms)
     if start is not None and start != shared.start_ms:
         keep.append(pl.col("timestamp_ms") >= start)
-    rows = frame.filter(*keep) if keep else frame
     # the event type and name a member fixes are the same on every row it keeps; one it does not fix is never
-    # looked at (compute() filters on fixed ones only), so neither is handed over per row
+    # looked at (compute() filters on fixed ones only), so neither is handed over per row. Lazy, so that the
+    # filter copies only the member's columns.
+    rows = frame.lazy().filter(*keep) if keep else frame.lazy()
     return rows.select(
         "mpid", "timestamp_ms", "event_order", pl.lit(point.event_type, pl.String).alias("event_type"),
         pl.lit(point.event_name, pl.String).alias("event_name"),
         *(pl.col(attribute_column(shared.attributes.index(name))).alias(attribute_column(index))
-          for index, name in enumerate(definition.attributes_read())))
+          for index, name in enumerate(definition.attributes_read()))).collect()
 
 
 def _narrowing(workspace_id: str, shared: SharedRead, mpids: list[int] | None,
