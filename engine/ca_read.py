@@ -35,6 +35,7 @@ class SharedRead:
     flagged: tuple[str, ...]       # names each row gets a flag for: members want different names
     start_ms: int | None           # the earliest period start among the members (None: one has no start)
     attributes: tuple[str, ...]    # every attribute a member reads, once, read as `attribute_<i>`
+    ordered: bool                  # a member looks at arrival order; the others are spared reading it
     members: tuple[int, ...]
 
 
@@ -50,8 +51,9 @@ def plan_reads(definitions: Sequence[Definition], as_of_ms: int) -> list[SharedR
         starts = [d.time_period.start_ms(as_of_ms) for d in chosen]
         attributes = tuple(dict.fromkeys(name for d in chosen for name in d.attributes_read()))
         named = tuple(sorted(name for name in names if name is not None))
+        ordered = any(d.calculation_type in ORDERED_CALCULATIONS for d in chosen)
         reads.append(SharedRead(event_type, () if None in names else named, named if len(names) > 1 else (),
-                                None if None in starts else min(starts), attributes, tuple(members)))
+                                None if None in starts else min(starts), attributes, ordered, tuple(members)))
     return reads
 
 
@@ -61,7 +63,7 @@ def read_each(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definitions:
     """(position, events) for every definition, one DuckDB read per shared read; a read's members follow it, so
     one read's rows are held at a time."""
     for shared in plan_reads(definitions, as_of_ms):
-        frame = _read(cursor, workspace_id, shared, definitions, mpids, chunk)
+        frame = _read(cursor, workspace_id, shared, mpids, chunk)
         for position in shared.members:
             yield position, _narrowed(frame, shared, definitions[position], as_of_ms)
 
@@ -72,15 +74,13 @@ def read_events(cursor: duckdb.DuckDBPyConnection, workspace_id: str, definition
     return next(read_each(cursor, workspace_id, [definition], as_of_ms, mpids, chunk))[1]
 
 
-def _read(cursor: duckdb.DuckDBPyConnection, workspace_id: str, shared: SharedRead, definitions: Sequence[Definition],
-          mpids: list[int] | None, chunk: int | None) -> pl.DataFrame:
+def _read(cursor: duckdb.DuckDBPyConnection, workspace_id: str, shared: SharedRead, mpids: list[int] | None,
+          chunk: int | None) -> pl.DataFrame:
     where, where_params = _narrowing(workspace_id, shared, mpids, chunk)
     extracts, extract_params, picks = attribute_extractions(shared.attributes)
     # a boolean per name rather than the names themselves: far cheaper to hand over than millions of strings
     flags = [f"event_name = ? AS {_flag(index)}" for index in range(len(shared.flagged))]
-    # only order-dependent calculations look at arrival order; the others are spared reading the column
-    ordered = any(definitions[position].calculation_type in ORDERED_CALCULATIONS for position in shared.members)
-    arrival = "arrival" if ordered else "NULL::BIGINT AS arrival"
+    arrival = "arrival" if shared.ordered else "NULL::BIGINT AS arrival"
     inner = ", ".join(["mpid", "timestamp_ms", arrival, *flags, *extracts])
     outer = ", ".join(["mpid", "timestamp_ms", "arrival AS event_order",
                        *(_flag(index) for index in range(len(shared.flagged))), *picks])

@@ -92,10 +92,10 @@ def test_plan_shares_one_read_per_event_type():
            {"calculation_type": "count", "data_point": {"event_name": "a"},
             "conditions": [{"attribute_name": "y", "operator": "exists"}]}]
     reads = plan_reads([parse_definition(r) for r in raw], as_of_ms=10 * 86_400_000)
-    assert [(r.event_type, r.event_names, r.flagged, r.start_ms, r.attributes, r.members) for r in reads] == [
-        ("custom_event", (), ("a",), None, ("x",), (0, 1)),
-        ("screen_view", ("Home",), (), None, (), (2,)),
-        (None, ("a",), (), None, ("y",), (3,))]
+    assert [(r.event_type, r.event_names, r.flagged, r.start_ms, r.attributes, r.ordered, r.members) for r in reads] == [
+        ("custom_event", (), ("a",), None, ("x",), True, (0, 1)),
+        ("screen_view", ("Home",), (), None, (), False, (2,)),
+        (None, ("a",), (), None, ("y",), False, (3,))]
 
 
 ENGINE_DEFINITIONS = [
