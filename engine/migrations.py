@@ -6,7 +6,7 @@ Writes land in `write_journal` and are folded into the `*_base` tables; the publ
 
 from __future__ import annotations
 
-from engine import audience_schema, ca_schema, dsr_store, event_journal
+from engine import audience_schema, ca_schema, delivery_schema, dsr_store, event_journal
 from engine.journal import JOURNAL_DDL, view_statements
 
 _COMMENTS = """
@@ -106,4 +106,5 @@ CREATE TABLE hub_values_base (
     (5, "calculated attribute seeds", ca_schema.SEEDS_DDL),
     (6, "events: arrival order stored", event_journal.arrival_migration()),
     (7, "audiences: definitions, membership history, sizes", audience_schema.MIGRATION_SQL),
+    (8, "delivery: connections, state, outbox, attempts", delivery_schema.MIGRATION_SQL),
 ]
