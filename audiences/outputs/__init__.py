@@ -1,0 +1,1 @@
+"""Audience outputs: one module per destination, all speaking the contract in base.py."""
