@@ -60,6 +60,8 @@ class Delta:
 class Acknowledged:
     """The destination applied the delta."""
 
+    status: int | None = None   # HTTP status of the answer, for delivery_attempts (None: not HTTP, or no answer)
+
 
 @dataclass(frozen=True)
 class RetryLater:
@@ -68,6 +70,7 @@ class RetryLater:
 
     reason: str
     after_seconds: float | None = None
+    status: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Rejected:
     the failure is recorded."""
 
     reason: str
+    status: int | None = None
 
 
 Outcome = Acknowledged | RetryLater | Rejected
@@ -175,11 +179,11 @@ def outcome_of_status(response: httpx.Response) -> Outcome:
     `errors[]`, Facebook error codes) look at the body first and use this for the rest."""
     status = response.status_code
     if 200 <= status < 300:
-        return Acknowledged()
+        return Acknowledged(status)
     reason = f"HTTP {status}{_excerpt(response)}"
     if status in RETRYABLE_STATUSES or status >= 500:
-        return RetryLater(reason, retry_after_seconds(response))
-    return Rejected(reason)
+        return RetryLater(reason, retry_after_seconds(response), status)
+    return Rejected(reason, status)
 
 
 def outcome_of_error(exc: Exception) -> RetryLater:
