@@ -239,7 +239,9 @@ def _node(raw: Any, path: str, depth: int, leaves: list[int]) -> Criteria:
 def _event(raw: Any, path: str) -> EventLeaf:
     body = _object(raw, path, ("event_type", "event_name", "conditions", "time_period", "count"))
     point = parse_data_point(body, path)
-    conditions = body.get("conditions") or []
+    conditions = body.get("conditions", [])
+    if conditions is None:
+        conditions = []
     if not isinstance(conditions, list):
         raise BadRequest(f"{path}.conditions must be a list", field=f"{path}.conditions")
     parsed = tuple(parse_condition(c, f"{path}.conditions[{i}]") for i, c in enumerate(conditions))

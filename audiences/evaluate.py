@@ -282,8 +282,8 @@ def _calculated_attribute_flags(cursor: duckdb.DuckDBPyConnection, workspace_id:
 def _value_flags(rows: Any, key_type: pl.DataType, tests: dict[tuple[Any, Any], int], prefix: str) -> pl.LazyFrame:
     """Per profile, whether each test holds on its value (`flag_<prefix>_<i>`); `exists` asks for a row at all."""
     values = pl.from_arrow(rows).lazy().cast({"mpid": _MPID, "key": key_type, "texts": pl.List(pl.String)})
-    # an empty list explodes to one null text: the value exists, and nothing compares true on a null
-    texts = values.explode("texts").rename({"texts": "text"})
+    # an empty list becomes one null text: the value exists, and nothing compares true on a null
+    texts = values.explode("texts", empty_as_null=True).rename({"texts": "text"})
     flags = []
     for (key, condition), index in tests.items():
         if condition.operator == "exists":
