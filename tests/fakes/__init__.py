@@ -1,0 +1,12 @@
+"""Local fake destinations over real HTTP for the delivery tests: Braze (`FakeBraze`) and Meta custom audiences
+(`FakeFacebook`), with seeded fault injection (`FaultPlan`, `Fault`) shared by both.
+
+Test modules import them as `from fakes import FakeBraze` (pytest puts tests/ on sys.path). Code outside tests/
+(bench/) adds the tests directory to sys.path first.
+"""
+
+from .braze import BrazeConfig, FakeBraze
+from .faults import Fault, FaultInjector, FaultPlan, LoggedRequest
+from .server import FakeServer
+
+__all__ = ["BrazeConfig", "FakeBraze", "Fault", "FaultInjector", "FaultPlan", "FakeServer", "LoggedRequest"]
