@@ -2,9 +2,9 @@
 or a transport error becomes an outcome, how long to wait before trying again, and the httpx client they send
 with.
 
-An output is built per connection (`OutputFactory`) and owns what it sends with (an httpx client, a Kafka
-producer) until `aclose`: each connection flushes in its own task with its own client, so one slow destination
-never holds a connection pool another one needs.
+An output is built per connection (`OutputFactory(connection, audience)`) and owns what it sends with (an
+httpx client, a Kafka producer) until `aclose`: each connection flushes in its own task with its own client, so
+one slow destination never holds a connection pool another one needs.
 
 Retries happen in the outbox, not inside `deliver`: a delta that should be tried again is answered with
 `RetryLater`, the outbox stamps its `next_attempt_ms` with `retry_delay` and the next flush takes it when due. So a
@@ -102,7 +102,19 @@ class Output(Protocol):
         ...
 
 
-OutputFactory = Callable[["Connection"], Output]
+@dataclass(frozen=True)
+class AudienceRef:
+    """The audience a connection delivers, as outputs name it to partners (Braze segment attributes, webhook
+    messages, Kafka records)."""
+
+    id: int
+    name: str
+    external_name: str
+
+
+# Built when a connection's flush task starts, and again when the connection (its updated_ms) or the audience's
+# names change; the class of an output is usually its factory: `WebhookOutput(connection, audience)`.
+OutputFactory = Callable[["Connection", AudienceRef], Output]
 
 
 # --- retry policy ---------------------------------------------------------------------------------------------
