@@ -61,6 +61,11 @@ PUBLIC_VIEWS: dict[str, str] = {
     "audience_membership_history": "workspace_id",  # tables: every stay in an audience, size points
     "audience_sizes": "workspace_id",
     "audience_stats": "workspace_id",
+    "connections": "workspace_id",  # delivery: connections without their sealed credentials (a view)
+    "delivery_status": "workspace_id",
+    "delivery_state": "workspace_id",  # tables: what destinations hold, pending changes, requests sent
+    "delivery_outbox": "workspace_id",
+    "delivery_attempts": "workspace_id",
 }
 
 # What a restriction column is compared with for a workspace caller.

@@ -4,8 +4,9 @@ and keep only what stops their data from coming back.
 What goes: the profile, its identities, its identity_changes rows, aliases and alias effects naming its MPID,
 its user attributes, consent and consent history, its events and the alias copies of them on other profiles,
 its batches (their envelopes hold identities and attributes), its calculated attribute values and seeds, its
-audience memberships past and present, access exports made for it, and the MPID and identities in any stored
-request. Rows of *other* profiles that name the person lose those names: the MPID in
+audience memberships past and present, what destinations were sent about it and its pending deliveries
+(delivery_state, delivery_outbox: identifiers as sent, hashed or not), access exports made for it, and the MPID
+and identities in any stored request. Rows of *other* profiles that name the person lose those names: the MPID in
 `identity_changes.other_mpid` and in reasons, the person's values in `identity_changes.value`. A quarantined
 hub value goes only if no other profile holds it.
 
@@ -17,8 +18,10 @@ counts name nobody, and a size that counted the person was true when it was reco
 the current members, so it drops the person at once).
 
 Destinations do not exist yet: each erasure adds a row to `erasure_events` (types and tombstone hashes, no
-values) with `forwarded_ms` NULL; the delivery milestone reads it. An output that needs the raw identities has
-to be handed them here, inside `plan_erasure`, before they are deleted.
+values) with `forwarded_ms` NULL; the delivery milestone reads it. Deleting delivery_state also means no
+later diff sends the destinations a remove for the person: erasure_events is the only way left to tell them.
+An output that needs the raw identities has to be handed them here, inside `plan_erasure`, before they are
+deleted.
 
 It runs as one writer transaction after folding the journal (`fold_first`), so the base tables hold every
 acknowledged row when the deletes run; the in-memory state changes synchronously before the commit is awaited,
@@ -54,6 +57,8 @@ _DELETES = (
     ("calculated_attribute_values", "mpid = $1"),
     ("calculated_attribute_seeds", "mpid = $1"),
     ("audience_membership_history", "mpid = $1"),
+    ("delivery_state", "mpid = $1"),
+    ("delivery_outbox", "mpid = $1"),
 )
 
 _KEYS = "(SELECT unnest($1::VARCHAR[]) AS t, unnest($2::VARCHAR[]) AS v) AS k"  # $3: the scope
