@@ -6,7 +6,9 @@ Test modules import them as `from fakes import FakeBraze` (pytest puts tests/ on
 """
 
 from .braze import BrazeConfig, FakeBraze
+from .facebook import AudienceView, FacebookConfig, FakeFacebook
 from .faults import Fault, FaultInjector, FaultPlan, LoggedRequest
 from .server import FakeServer
 
-__all__ = ["BrazeConfig", "FakeBraze", "Fault", "FaultInjector", "FaultPlan", "FakeServer", "LoggedRequest"]
+__all__ = ["AudienceView", "BrazeConfig", "FacebookConfig", "FakeBraze", "FakeFacebook", "FakeServer", "Fault",
+           "FaultInjector", "FaultPlan", "LoggedRequest"]

@@ -47,7 +47,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .faults import FaultInjector, FaultPlan, FaultResponses, PlainResponse, WindowBudget
+from .faults import FaultInjector, FaultPlan, FaultResponses, LoggedRequest, PlainResponse, WindowBudget
 from .server import FakeDestination
 
 UserKey = tuple[str, str]  # ("external_id", "u1"), ("user_alias", "<alias_label>:<alias_name>"), ("email", ...)
@@ -222,7 +222,7 @@ class BrazeFaultResponses(FaultResponses):
     def __init__(self, fake: FakeBraze) -> None:
         self.fake = fake
 
-    def throttled(self, injector: FaultInjector) -> PlainResponse:
+    def throttled(self, injector: FaultInjector, request: LoggedRequest) -> PlainResponse:
         return PlainResponse(429, orjson.dumps({"message": "API rate limit reached", "errors": []}),
                              self.fake.rate_limit_headers(exhausted=True))
 

@@ -215,10 +215,10 @@ class PlainResponse:
 class FaultResponses:
     """The answers a fake gives for faults that never reach its app; each fake subclasses it."""
 
-    def throttled(self, injector: FaultInjector) -> PlainResponse:
+    def throttled(self, injector: FaultInjector, request: LoggedRequest) -> PlainResponse:
         return PlainResponse(429, b'{"message": "Too Many Requests"}')
 
-    def server_error(self, injector: FaultInjector) -> PlainResponse:
+    def server_error(self, injector: FaultInjector, request: LoggedRequest) -> PlainResponse:
         status = injector.choice([500, 502, 503])
         if status == 500:
             return PlainResponse(500, b'{"message": "Internal Server Error"}')
@@ -226,7 +226,7 @@ class FaultResponses:
         return PlainResponse(status, b"<html><body><h1>%d %s</h1></body></html>" % (status, reason),
                              content_type=b"text/html")
 
-    def gateway_timeout(self, injector: FaultInjector) -> PlainResponse:
+    def gateway_timeout(self, injector: FaultInjector, request: LoggedRequest) -> PlainResponse:
         return PlainResponse(504, b"<html><body><h1>504 Gateway Timeout</h1></body></html>", content_type=b"text/html")
 
 
@@ -289,12 +289,12 @@ class FaultMiddleware:
         if fault is None:
             await self._forward(scope, entry, send, capture=False)
         elif fault is Fault.THROTTLE:
-            await self._answer(send, entry, self.responses.throttled(self.injector))
+            await self._answer(send, entry, self.responses.throttled(self.injector, entry))
         elif fault is Fault.SERVER_ERROR:
-            await self._answer(send, entry, self.responses.server_error(self.injector))
+            await self._answer(send, entry, self.responses.server_error(self.injector, entry))
         elif fault is Fault.TIMEOUT:
             await self._sleep(plan.delay_seconds)
-            await self._answer(send, entry, self.responses.gateway_timeout(self.injector))
+            await self._answer(send, entry, self.responses.gateway_timeout(self.injector, entry))
         elif fault is Fault.RESET:
             self._reset(send)
         elif fault is Fault.TIMEOUT_APPLIED:
