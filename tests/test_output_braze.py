@@ -484,6 +484,12 @@ def test_a_refused_key_rejects_the_whole_batch_at_once(fake: FakeBraze, api_key:
     assert fake.users() == {}
 
 
+def test_a_404_names_the_base_url(fake: FakeBraze) -> None:
+    conn = connection(f"{fake.base_url}/not-braze", "single_array")
+    outcomes = deliver(BrazeOutput(conn, PARISIANS), conn, [add(1, "u1"), add(2, "u2")])
+    assert all(isinstance(o, Rejected) and o.status == 404 and "base_url" in o.reason for o in outcomes)
+
+
 @pytest.mark.parametrize("fault", [Fault.SERVER_ERROR, Fault.RESET, Fault.RESET_APPLIED])
 def test_server_errors_and_resets_are_retried(fake: FakeBraze, fault: Fault) -> None:
     fake.faults.force(fault)
