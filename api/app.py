@@ -13,6 +13,7 @@ from starlette.responses import Response
 from api import (
     audience_routes,
     ca_routes,
+    connection_routes,
     dsr_routes,
     events_routes,
     idsync_routes,
@@ -26,6 +27,7 @@ from api.body import add_body_schemas
 from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
+from audiences.connections import ConnectionRegistry
 from audiences.registry import AudienceRegistry
 from audiences.upkeep import STANDARD_POLL_SECONDS, TIME_DRIVEN_SECONDS, AudienceUpkeep
 from engine.ca_engine import CalculatedAttributeEngine
@@ -73,6 +75,8 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.state.audiences = AudienceRegistry(lambda ws, ca_id: any(ca.id == ca_id for ca in app.state.calculated.active(ws)))
     app.state.audiences.load(service.connection)
     app.state.audience_changes = asyncio.Lock()  # one audience definition change at a time (audiences/registry.py)
+    app.state.connections = ConnectionRegistry(service.master_key)  # audience -> output (audiences/connections.py)
+    app.state.connections.load(service.connection)
     upkeep = AudienceUpkeep(service.connection, app.state.audiences, app.state.calculated, app.state.calculation,
                             service.computation_gate)
     app.state.upkeep = upkeep
@@ -90,6 +94,7 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.include_router(dsr_routes.router)
     app.include_router(ca_routes.router)
     app.include_router(audience_routes.router)
+    app.include_router(connection_routes.router)
 
     @app.get("/healthz", tags=["Health"])
     async def healthz() -> Response:

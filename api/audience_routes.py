@@ -90,6 +90,8 @@ async def _described(request: Request, audiences: list[Audience]) -> list[dict[s
         found = stats.get(audience.id)
         status = upkeep_of(request).status_of(audience.id)
         answers.append({**audience.public_json(), "status": status.state,
+                        "connected_outputs": [c.summary_json() for c in
+                                              request.app.state.connections.list(audience.workspace_id, audience.id)],
                         "last_computed_timestamp_ms": status.completed_ms,
                         "size": found.size if found else 0,
                         "stats": {"adds_24h": found.adds_24h if found else 0, "drops_24h": found.drops_24h if found else 0,
@@ -160,16 +162,20 @@ async def update_audience(request: Request, workspace_id: str, audience_id: str)
 
 @router.delete(f"{WORKSPACE}/{{audience_id}}", status_code=204)
 async def delete_audience(request: Request, workspace_id: str, audience_id: str) -> Response:
-    """204; the memberships and size history go with it. 409 while another audience's criteria read it."""
+    """204; the memberships, size history and connections (with what delivery kept for them) go with it. 409
+    while another audience's criteria read it."""
     workspace = await admin_or_own_workspace(request, workspace_id)
     number = _audience_id(audience_id)
     async with request.app.state.audience_changes:
         batch = registry_of(request).plan_delete(workspace.id, number)
         batch.statements.append(lambda cur: forget_audience(cur, workspace.id, number))
+        connection_ids, connections_gone = request.app.state.connections.plan_delete_audience(workspace.id, number)
+        batch.extend(connections_gone)
         # an evaluation running for it writes the same membership rows in its own transaction: wait for it
         async with lock_held(upkeep_of(request).status_of(number).lock):
             await service_of(request).commit(batch)
             registry_of(request).remember(None, forget_id=number)
+            request.app.state.connections.remember(None, forget_ids=connection_ids)
     upkeep_of(request).forget(number)
     return Response(status_code=204)
 

@@ -290,3 +290,34 @@ class AudiencePreviewBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     criteria: AudienceCriteria
+
+
+class ConnectionSettings(BaseModel):
+    """Plain JSON with every default filled in on the way in; the output's own block sits under its name
+    (docs/delivery.md lists every key)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    base_url: str | None = Field(None, description="braze: required; facebook: defaults to https://graph.facebook.com")
+    identity_types: list[str] | None = Field(None, description="identity types to send, e.g. customer_id, email")
+    forward_attributes: dict[str, list[Any]] | None = Field(
+        None, description='{"user": [names], "calculated": [calculated attribute ids]}')
+    consent: dict[str, Any] | None = Field(
+        None, description='{"exclude_ccpa_data_sale_opt_out": true, "require_gdpr_purpose": "advertising"}')
+    sampling_percent: int | None = Field(None, ge=1, le=100)
+    upload: dict[str, float] | None = Field(None, description='{"max_age_seconds": 60, "max_queued": 75}')
+
+
+class ConnectionBody(BaseModel):
+    """POST creates (output and its required settings and credentials); PUT takes the same keys, and those it
+    leaves out keep their values. Credentials are never answered: answers say "set"."""
+
+    model_config = ConfigDict(extra="allow")
+
+    output: Literal["braze", "facebook", "webhook", "kafka"] | None = None
+    name: str | None = None
+    status: Literal["active", "inactive"] | None = None
+    settings: ConnectionSettings | None = None
+    credentials: dict[str, str | None] | None = Field(
+        None, description="braze: api_key; facebook: access_token (+ app_secret); webhook: secret; "
+                          "kafka: username + password")

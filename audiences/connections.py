@@ -181,6 +181,10 @@ class Connection:
             return ("calculated", value["calculated_attribute_id"])
         return ("user", value["user_attribute"])
 
+    def summary_json(self) -> dict[str, Any]:
+        """An entry of the audience's `connected_outputs`."""
+        return {"id": self.id, "output": self.output, "name": self.name, "status": self.status}
+
     def public_json(self) -> dict[str, Any]:
         """The Platform API's answer: everything but the credentials' values."""
         return {"id": self.id, "audience_id": self.audience_id, "output": self.output, "name": self.name,
@@ -613,6 +617,7 @@ def _body(body: Any) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise BadRequest("the body must be an object with output, settings and credentials (docs/delivery.md)",
                          field="body")
-    _no_unknown(body, (*CONNECTION_KEYS, "id", "audience_id", "remote", "created_timestamp_ms",
+    # the read-only keys of an answer are allowed (and ignored), so an answer can be sent back changed
+    _no_unknown(body, (*CONNECTION_KEYS, "id", "audience_id", "remote", "delivery", "created_timestamp_ms",
                        "last_modified_timestamp_ms"), "body")
     return dict(body)

@@ -75,6 +75,7 @@ class RequestContext:
 class IdSyncService:
     def __init__(self, connection: duckdb.DuckDBPyConnection, master_key: MasterKey) -> None:
         self.connection = connection
+        self.master_key = master_key  # seals stored secrets: API secrets here, output credentials in audiences
         self.writer = GroupCommitWriter(connection)
         self.workspaces = WorkspaceRegistry(master_key)
         self.workspaces.load(connection)

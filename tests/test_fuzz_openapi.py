@@ -58,6 +58,7 @@ class Seeded:
     mpids: tuple[str, ...]
     calculated_attribute: str
     audience: str
+    connection: str  # a webhook connection of the audience
 
     def path_values(self, method: str) -> dict[str, list[str]]:
         # PUT on the caller's own workspace would let generated settings (a rate limit, key-only auth off) steer
@@ -65,7 +66,8 @@ class Seeded:
         workspaces = [self.other.id] if method == "PUT" else [self.workspace.id, self.other.id]
         return {"workspace_id": workspaces, "mpid": list(self.mpids), "api_key": [self.workspace.api_key],
                 "ca_id": [] if method == "DELETE" else [self.calculated_attribute],
-                "audience_id": [] if method == "DELETE" else [self.audience]}
+                "audience_id": [] if method == "DELETE" else [self.audience],
+                "connection_id": [] if method == "DELETE" else [self.connection]}
 
 
 def _seed(server: LiveServer) -> Seeded:
@@ -89,9 +91,14 @@ def _seed(server: LiveServer) -> Seeded:
         audience = client.http.post(f"/platform/v2/workspaces/{workspace.id}/audiences", auth=client.auth, json={
             "name": "seeded players", "criteria": {"event": {"event_type": "custom_event", "event_name": "seeded"}}})
         assert audience.status_code == 201, audience.text
+        connection = client.http.post(
+            f"/platform/v2/workspaces/{workspace.id}/audiences/{audience.json()['id']}/connections", auth=client.auth,
+            json={"output": "webhook", "credentials": {"secret": "s"}, "settings": {"webhook": {"url": "http://127.0.0.1:9/"}}})
+        assert connection.status_code == 201, connection.text
     finally:
         client.close()
-    return Seeded(workspace, other, mpids, str(created.json()["id"]), str(audience.json()["id"]))
+    return Seeded(workspace, other, mpids, str(created.json()["id"]), str(audience.json()["id"]),
+                  str(connection.json()["id"]))
 
 
 @pytest.fixture(scope="module")

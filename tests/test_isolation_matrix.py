@@ -34,6 +34,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from audience_seed import apply_audience, seed_audience
+from delivery_seed import seed_delivery
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from live_server import ADMIN_TOKEN, LiveServer, WorkspaceCredentials
@@ -92,6 +93,9 @@ class Tenant:
     audience_name: str = ""
     managed_audience: int = 0             # a real-time audience created through the Platform API, its registry
     managed_audience_name: str = ""
+    connection_id: int = 0                # a connection of the managed audience (a webhook), its name and secret
+    connection_name: str = ""
+    connection_secret: str = ""
     mpids: set[int] = field(default_factory=set)
     values: set[str] = field(default_factory=set)  # strings only this workspace's data and settings hold
     writes: int = 0                       # requests this test made with the workspace's own credentials
@@ -146,6 +150,17 @@ class Tenant:
     def new_audience(self) -> int:
         body = {"name": unique(f"{self.label}-audience"), "criteria": {"identity": {"type": "customerid"}}}
         return self.call(self.audience_path(), body)["id"]
+
+    def connection_path(self, suffix: str = "", audience_id: int | None = None) -> str:
+        return self.audience_path(f"/{audience_id or self.managed_audience}/connections{suffix}")
+
+    def connection_body(self, name: str | None = None, secret: str | None = None) -> dict[str, Any]:
+        return {"output": "webhook", "name": name or unique(f"{self.label}-connection"),
+                "credentials": {"secret": secret or unique(f"{self.label}-webhook-secret")},
+                "settings": {"webhook": {"url": "http://127.0.0.1:9/hook"}, "identity_types": ["email"]}}
+
+    def new_connection(self) -> int:
+        return self.call(self.connection_path(), self.connection_body())["id"]
 
     def submit_dsr(self, request_type: str = "access", skip_waiting_period: bool = False, **fields: Any) -> str:
         identities = {"controller_customer_id": self.customer_id}
@@ -294,10 +309,15 @@ def seed(server: LiveServer, label: str, settings: dict[str, Any]) -> Tenant:
     tenant.managed_audience_name = unique(f"{label}-managed-audience")
     tenant.managed_audience = tenant.call(tenant.audience_path(), {  # evaluated in the background: settle()
         "name": tenant.managed_audience_name, "criteria": {"event": {"event_name": event_name}}})["id"]
+    tenant.connection_name, tenant.connection_secret = unique(f"{label}-connection"), unique(f"{label}-secret")
+    tenant.connection_id = tenant.call(tenant.connection_path(), tenant.connection_body(
+        tenant.connection_name, tenant.connection_secret))["id"]
+    seed_delivery(server, tenant.id, tenant.connection_id, tenant.known, {"email": tenant.email, "mpid": str(tenant.known)})
     tenant.values = {tenant.id, tenant.key, tenant.secret, name, tenant.customer_id, tenant.other, tenant.email,
                      tenant.device, event_name, attribute, document, tenant.batch_id, tenant.request_id,
                      tenant.alias_id, hub_email, tenant.ca_name, tenant.audience_name,
-                     tenant.managed_audience_name, *tenant.hub_customers}
+                     tenant.managed_audience_name, tenant.connection_name, tenant.connection_secret,
+                     *tenant.hub_customers}
     return tenant
 
 
@@ -819,6 +839,24 @@ def audience_preview_attacks(world: World) -> list[Attack]:
         Attack("criteria matching the victim's event", own, frozenset({200}), check=matched_nothing)]
 
 
+def connection_attacks(suffix: str, body: Any = None) -> Callable[[World], list[Attack]]:
+    """Connections, as audiences: the victim's workspace and a made-up one (403 both), the victim's audience under
+    the attacker's workspace (404), and the victim's connection id under the attacker's own audience (404)."""
+    def build(world: World) -> list[Attack]:
+        victim, attacker = world.victim, world.attacker
+        tail = f"/{victim.managed_audience}/connections" + suffix.format(connection_id=victim.connection_id)
+        made_up = f"/platform/v2/workspaces/ws_{secrets.token_hex(8)}/audiences{tail}"
+        attacks = [Attack("the victim's workspace", Call(victim.audience_path(tail), body), frozenset({403})),
+                   Attack("a workspace id that does not exist", Call(made_up, body), frozenset({403})),
+                   Attack("the victim's audience under the attacker's workspace", Call(attacker.audience_path(tail), body),
+                          frozenset({404}))]
+        if "{connection_id}" in suffix:
+            attacks.append(Attack("the victim's connection under the attacker's audience", Call(
+                attacker.connection_path(suffix.format(connection_id=victim.connection_id)), body), frozenset({404})))
+        return attacks
+    return build
+
+
 def admin_only_attacks(case: RouteCase) -> Callable[[World], list[Attack]]:
     def build(world: World) -> list[Attack]:
         return [Attack("the attacker's own credentials on the victim's workspace", case.request(world.victim),
@@ -964,6 +1002,20 @@ ROUTES |= {
     f"GET {AUDIENCE}/calculation": RouteCase(
         Auth.SECRET, lambda t: Call(t.audience_path(f"/{t.managed_audience}/calculation")), 200, admin_too=True,
         attacks=audience_attacks("/{audience_id}/calculation")),
+    # connections of an audience to outputs: as audiences
+    f"GET {AUDIENCE}/connections": RouteCase(Auth.SECRET, lambda t: Call(t.connection_path()), 200, admin_too=True,
+                                             attacks=connection_attacks("")),
+    f"POST {AUDIENCE}/connections": RouteCase(Auth.SECRET, lambda t: Call(t.connection_path(), t.connection_body()), 201,
+                                              admin_too=True, attacks=connection_attacks("", {"output": "kafka"})),
+    f"GET {AUDIENCE}/connections/{{connection_id}}": RouteCase(
+        Auth.SECRET, lambda t: Call(t.connection_path(f"/{t.connection_id}")), 200, admin_too=True,
+        attacks=connection_attacks("/{connection_id}")),
+    f"PUT {AUDIENCE}/connections/{{connection_id}}": RouteCase(
+        Auth.SECRET, lambda t: Call(t.connection_path(f"/{t.connection_id}"), {"name": unique(t.label)}), 200,
+        admin_too=True, attacks=connection_attacks("/{connection_id}", {"status": "inactive"})),
+    f"DELETE {AUDIENCE}/connections/{{connection_id}}": RouteCase(
+        Auth.SECRET, lambda t: Call(t.connection_path(f"/{t.new_connection()}")), 204, admin_too=True,
+        attacks=connection_attacks("/{connection_id}")),
     # one org per deployment: every workspace's audiences, so the admin token only
     "GET /platform/v2/audiences": RouteCase(Auth.ADMIN, lambda t: Call("/platform/v2/audiences", params={"accountId": "1"}),
                                             200),
