@@ -259,6 +259,7 @@ def _attribute_values(connection: Connection, attributes: pl.DataFrame | None) -
              .otherwise(compact))  # ST
     return (attributes.lazy().cast({"mpid": MPID}).join(mapping.lazy(), on="name", how="inner")
             .with_columns(value=value)
+            .filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
             .sort(["mpid", "key", "value"]).unique(subset=["mpid", "key"], keep="first", maintain_order=True)
             .select("mpid", "key", "value").collect())
 
