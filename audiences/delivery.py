@@ -1,0 +1,412 @@
+"""The delivery service (docs/delivery.md): diffs every active connection into the outbox, and flushes each
+connection's due deltas to its output in a task of its own, acknowledging what the destination took.
+
+- Diff: after audience evaluations change memberships (`memberships_changed`, called from the upkeep's worker
+  threads), on schedule (`diff`, also catching identity and consent changes that moved no membership), and when
+  asked (`run_once`). A diff reads the connection's wanted members outside the connection's lock (the costly
+  part: membership, consent, fan-out), then rewrites its outbox rows under the lock in one transaction.
+- Flush: `flush_due` starts one asyncio task per connection that is due and has none running, with the output
+  built for that connection (its own httpx client): a slow or failing destination occupies only its own task
+  and client, and the next `flush_due` skips it while it runs. A round walks the connection's due rows once, in
+  batches of the output's size; it stops early when a whole batch is told to retry later (the destination is
+  down or throttling: the backoff in the outbox says when to come back).
+- Work on DuckDB runs in worker threads, each on its own cursor, inside the store's computation gate (an
+  erasure deletes the same people's delivery rows, and holds the gate alone); a connection's diff and
+  acknowledgements take its lock, since both rewrite its outbox rows.
+
+Nothing here is needed for correctness across a crash: the outbox and delivery_state are the whole truth, and a
+delta sent but not acknowledged is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from audiences import outbox
+from audiences.connections import Connection, ConnectionRegistry
+from audiences.membership import current_members
+from audiences.outputs.base import (
+    DEFAULT_RETRY,
+    AudienceRef,
+    Delta,
+    Outcome,
+    Output,
+    OutputFactory,
+    RetryLater,
+    RetryPolicy,
+)
+from audiences.registry import AudienceRegistry
+from engine.computation_gate import ComputationGate
+from engine.store import now_ms
+
+log = logging.getLogger("idmesh.delivery")
+
+DIFF_SECONDS = 300         # scheduled diff of every active connection (identity and consent changes)
+FLUSH_POLL_SECONDS = 5     # how often due connections are looked for (thresholds, retries)
+NUDGE_DELAY_SECONDS = 1.0  # membership changes within this long share one diff
+
+
+def default_outputs() -> dict[str, OutputFactory]:
+    """The outputs this build knows, by `connection.output`. Imported here, so a missing optional dependency of
+    one output (aiokafka) leaves the others working."""
+    outputs: dict[str, OutputFactory] = {}
+    from audiences.outputs.webhook import WebhookOutput
+    outputs["webhook"] = WebhookOutput
+    for kind, module, name in (("braze", "audiences.outputs.braze", "BrazeOutput"),
+                               ("facebook", "audiences.outputs.facebook", "FacebookOutput"),
+                               ("kafka", "audiences.outputs.kafka", "KafkaOutput")):
+        try:
+            outputs[kind] = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError) as exc:
+            log.warning("output %s is not available: %s", kind, exc)
+    return outputs
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    connection_id: int
+    requests: int = 0
+    acknowledged: int = 0
+    retried: int = 0
+    rejected: int = 0
+    error: str | None = None   # why the round stopped early, if it did
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One `run_once`: what each connection's diff queued and what its flush sent."""
+
+    diffs: dict[int, outbox.DiffResult]
+    flushes: dict[int, FlushResult]
+
+
+@dataclass
+class _Built:
+    key: tuple[Any, ...]
+    output: Output
+    loop: asyncio.AbstractEventLoop   # an httpx client belongs to the loop it was first used on
+
+
+@dataclass
+class Progress:
+    """Counters a caller can watch while a round runs (`idmesh sync` draws them as progress bars)."""
+
+    pending: dict[int, int] = field(default_factory=dict)   # per connection: rows due when its flush began
+    sent: dict[int, int] = field(default_factory=dict)      # per connection: deltas answered so far
+
+
+class DeliveryService:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, connections: ConnectionRegistry,
+                 audiences: AudienceRegistry, scope_of: Callable[[str], str], gate: ComputationGate,
+                 outputs: Mapping[str, OutputFactory] | None = None, policy: RetryPolicy = DEFAULT_RETRY,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self._db = connection
+        self.connections = connections
+        self.audiences = audiences
+        self._scope_of = scope_of
+        self._gate = gate
+        self.outputs = dict(default_outputs() if outputs is None else outputs)
+        self.policy = policy
+        self._clock = clock
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._built: dict[int, _Built] = {}
+        self.flushing: dict[int, asyncio.Task[FlushResult]] = {}   # the running flush task per connection
+        self.progress = Progress()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nudged: set[int] = set()          # audiences whose memberships changed since the last nudge diff
+        self._nudge_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- diff (worker threads) ---------------------------------------------------------------------------------
+    def diff_connections(self, connection_ids: Iterable[int] | None = None,
+                         at_ms: int | None = None) -> dict[int, outbox.DiffResult]:
+        """Diff these active connections (None: all of them) into the outbox. A connection whose diff fails is
+        logged and left as it was; the others go on."""
+        chosen = self._active(connection_ids)
+        results: dict[int, outbox.DiffResult] = {}
+        members: dict[tuple[str, int], pl.Series] = {}   # connections of one audience share its read
+        for connection in chosen:
+            try:
+                results[connection.id] = self._diff_one(connection, members, at_ms)
+            except Exception as exc:  # the next diff tries again; the outbox is as the last good diff left it
+                log.error("diff of connection %s failed: %s", connection.id, exc)
+        return results
+
+    def _diff_one(self, connection: Connection, members: dict[tuple[str, int], pl.Series],
+                  at_ms: int | None) -> outbox.DiffResult:
+        with self._gate.computing(), self._cursor() as cursor:
+            key = (connection.workspace_id, connection.audience_id)
+            if key not in members:
+                members[key] = current_members(cursor, *key)
+            wanted = outbox.wanted_identifiers(cursor, connection, self._scope_of(connection.workspace_id),
+                                               members[key])
+            with self.lock(connection.id):
+                if self.connections.find(connection.id) is None:   # deleted meanwhile: its rows are gone
+                    return outbox.DiffResult(0, 0, 0, wanted.height, 0)
+                cursor.begin()
+                try:
+                    result = outbox.diff_connection(cursor, connection, wanted, self._clock() if at_ms is None else at_ms)
+                    cursor.commit()
+                except BaseException:
+                    cursor.rollback()
+                    raise
+        if result.adds or result.removes or result.cancelled:
+            log.info("connection %s: %d adds, %d removes queued, %d cancelled", connection.id, result.adds,
+                     result.removes, result.cancelled)
+        return result
+
+    # --- diff (event loop) -------------------------------------------------------------------------------------
+    async def diff(self, connection_ids: Iterable[int] | None = None) -> dict[int, outbox.DiffResult]:
+        """Scheduler job: diff (all active connections by default), then flush the ones now due."""
+        ids = None if connection_ids is None else list(connection_ids)
+        results = await asyncio.to_thread(self.diff_connections, ids)
+        self.flush_due()
+        return results
+
+    def memberships_changed(self, workspace_id: str, audience_ids: Iterable[int]) -> None:
+        """The upkeep applied memberships of these audiences (called from its worker thread): diff their
+        connections soon. Changes within NUDGE_DELAY_SECONDS share one diff."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._closed:
+            return
+        ids = set(audience_ids)
+        if not any(c.audience_id in ids for c in self.connections.active()):
+            return
+        loop.call_soon_threadsafe(self._nudge, ids)
+
+    def _nudge(self, audience_ids: set[int]) -> None:
+        self._nudged |= audience_ids
+        if self._nudge_task is None or self._nudge_task.done():
+            self._nudge_task = asyncio.ensure_future(self._diff_nudged())
+
+    async def _diff_nudged(self) -> None:
+        while self._nudged and not self._closed:
+            await asyncio.sleep(NUDGE_DELAY_SECONDS)
+            audience_ids, self._nudged = self._nudged, set()
+            ids = [c.id for c in self.connections.active() if c.audience_id in audience_ids]
+            try:
+                await self.diff(ids)
+            except Exception as exc:
+                log.error("diff after membership changes failed: %s", exc)
+
+    # --- flush -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Remember the running loop (memberships_changed schedules onto it from other threads)."""
+        self._loop = asyncio.get_running_loop()
+
+    def flush_due(self, force: bool = False) -> dict[int, asyncio.Task[FlushResult]]:
+        """Scheduler job: start a flush task for each active connection without one running. The task itself
+        checks the thresholds (unless `force`) and returns at once when nothing is due. Returns the tasks started."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        started: dict[int, asyncio.Task[FlushResult]] = {}
+        if self._closed:
+            return started
+        for connection in self.connections.active():
+            running = self.flushing.get(connection.id)
+            if running is not None and not running.done():
+                continue   # a slow destination: its own task is still at it, the others go on
+            task = asyncio.ensure_future(self.flush_connection(connection, force))
+            self.flushing[connection.id] = task
+            task.add_done_callback(lambda done, cid=connection.id: self._flush_done(cid, done))
+            started[connection.id] = task
+        return started
+
+    def _flush_done(self, connection_id: int, task: asyncio.Task[FlushResult]) -> None:
+        if self.flushing.get(connection_id) is task:
+            del self.flushing[connection_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("flush of connection %s failed: %s", connection_id, task.exception())
+
+    async def flush_connection(self, connection: Connection, force: bool = False) -> FlushResult:
+        """One round for one connection: when due (or `force`), send its due rows in batches and acknowledge each
+        answer. Returns what happened."""
+        output = await self._output_for(connection)
+        if output is None:
+            return FlushResult(connection.id, error=f"no output {connection.output!r}")
+        if not force:
+            state = await asyncio.to_thread(self._read, outbox.due, connection, self._clock())
+            if not state.due:
+                return FlushResult(connection.id)
+        limit = max(1, output.batch_limit(connection))
+        self.progress.pending[connection.id] = await asyncio.to_thread(self._count_due, connection.id)
+        self.progress.sent[connection.id] = 0
+        after, requests, acked, retried, rejected, stopped = -1, 0, 0, 0, 0, None
+        while not self._closed:
+            deltas = await asyncio.to_thread(self._take, connection, limit, after)
+            if not deltas:
+                break
+            started = time.monotonic()
+            outcomes = await self._deliver(output, connection, deltas)
+            duration = int((time.monotonic() - started) * 1000)
+            result = await asyncio.to_thread(self._acknowledge, connection, deltas, outcomes, duration)
+            requests += 1
+            acked, retried, rejected = acked + result.acknowledged, retried + result.retried, rejected + result.rejected
+            self.progress.sent[connection.id] = self.progress.sent.get(connection.id, 0) + len(deltas)
+            after = deltas[-1].seq
+            if result.retried == len(deltas):
+                stopped = next(o.reason for o in outcomes if isinstance(o, RetryLater))
+                log.warning("connection %s: destination asks to retry later (%s); backing off", connection.id,
+                            stopped)
+                break
+        return FlushResult(connection.id, requests, acked, retried, rejected, stopped)
+
+    async def _deliver(self, output: Output, connection: Connection, deltas: list[Delta]) -> list[Outcome]:
+        try:
+            outcomes = list(await output.deliver(connection, deltas))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an output's bug or an unexpected failure: the deltas wait and come back
+            log.error("output %s of connection %s raised: %r", connection.output, connection.id, exc)
+            return [RetryLater(f"{type(exc).__name__}: {exc}"[:500])] * len(deltas)
+        if len(outcomes) != len(deltas):
+            log.error("output %s answered %d outcomes for %d deltas", connection.output, len(outcomes), len(deltas))
+            return [RetryLater("output answered the wrong number of outcomes")] * len(deltas)
+        return outcomes
+
+    async def run_once(self, force: bool = True) -> RoundResult:
+        """Diff every active connection, then flush each of them (all due rows when `force`, else only the
+        connections whose thresholds are met) and wait for the flushes: `idmesh sync --once`, and tests."""
+        diffs = await asyncio.to_thread(self.diff_connections)
+        waiting = list(self.flushing.values())
+        if waiting:  # a flush already running finishes first: its round may not cover what the diff queued
+            await asyncio.gather(*waiting, return_exceptions=True)
+        tasks = self.flush_due(force)
+        done = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        flushes = {cid: r if isinstance(r, FlushResult) else FlushResult(cid, error=repr(r))
+                   for cid, r in zip(tasks, done)}
+        return RoundResult(diffs, flushes)
+
+    async def idle(self) -> None:
+        """Wait until no flush or nudged diff runs (tests, shutdown)."""
+        while True:
+            waiting = [t for t in (*self.flushing.values(), self._nudge_task) if t is not None and not t.done()]
+            if not waiting:
+                return
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop: running flushes are cancelled (what they sent without an acknowledgement is sent again at the
+        next start), outputs are closed."""
+        self._closed = True
+        tasks = [t for t in (*self.flushing.values(), self._nudge_task) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        built, self._built = self._built, {}
+        loop = asyncio.get_running_loop()
+        for entry in built.values():
+            if entry.loop is loop:
+                await _close(entry.output)
+
+    # --- outputs -----------------------------------------------------------------------------------------------
+    async def _output_for(self, connection: Connection) -> Output | None:
+        """The connection's output, built again when the connection or its audience's names changed. The first
+        build in this process, and every rebuild after a change, unparks rejected rows older than the change."""
+        factory = self.outputs.get(connection.output)
+        audience = self.audiences.find(connection.audience_id)
+        if factory is None or audience is None:
+            return None
+        ref = AudienceRef(audience.id, audience.name, audience.parsed.external_name)
+        key = (connection.updated_ms, ref)
+        loop = asyncio.get_running_loop()
+        current = self._built.get(connection.id)
+        if current is not None and current.key == key and current.loop is loop:
+            return current.output
+        if current is not None and current.loop is loop:
+            await _close(current.output)
+        # (built on a loop that is gone, e.g. an earlier `run_once` under asyncio.run: its client cannot be closed
+        # on this one, and its sockets went with that loop)
+        output = factory(connection, ref)
+        self._built[connection.id] = _Built(key, output, loop)
+        if current is not None and current.key == key:
+            return output
+        unparked = await asyncio.to_thread(self._unpark, connection)
+        if unparked:
+            log.info("connection %s changed: %d rejected deltas are tried again", connection.id, unparked)
+        return output
+
+    # --- DuckDB (worker threads) -------------------------------------------------------------------------------
+    def _read(self, reader: Callable[..., Any], *args: Any) -> Any:
+        with self._cursor() as cursor:
+            return reader(cursor, *args)
+
+    def _count_due(self, connection_id: int) -> int:
+        with self._cursor() as cursor:
+            return cursor.execute("SELECT count(*) FROM delivery_outbox WHERE connection_id = ? "
+                                  "AND next_attempt_ms <= ?", [connection_id, self._clock()]).fetchall()[0][0]
+
+    def _take(self, connection: Connection, limit: int, after_seq: int) -> list[Delta]:
+        """The next batch, marked as being sent (committed) before it goes out."""
+        with self._gate.computing(), self.lock(connection.id), self._cursor() as cursor:
+            cursor.begin()
+            try:
+                deltas = outbox.take(cursor, connection, self._clock(), limit, after_seq)
+                outbox.mark_sending(cursor, connection.id, deltas)
+                cursor.commit()
+            except BaseException:
+                cursor.rollback()
+                raise
+        return deltas
+
+    def _acknowledge(self, connection: Connection, deltas: list[Delta], outcomes: list[Outcome],
+                     duration_ms: int) -> outbox.AckResult:
+        with self._gate.computing(), self.lock(connection.id), self._cursor() as cursor:
+            cursor.begin()
+            try:
+                result = outbox.acknowledge(cursor, connection, deltas, outcomes, self._clock(), duration_ms,
+                                            policy=self.policy)
+                cursor.commit()
+            except BaseException:
+                cursor.rollback()
+                raise
+        return result
+
+    def _unpark(self, connection: Connection) -> int:
+        with self._gate.computing(), self.lock(connection.id), self._cursor() as cursor:
+            cursor.begin()
+            try:
+                count = outbox.unpark(cursor, connection.id, connection.updated_ms, self._clock())
+                cursor.commit()
+            except BaseException:
+                cursor.rollback()
+                raise
+        return count
+
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self._db.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+
+    def lock(self, connection_id: int) -> threading.Lock:
+        """The lock a connection's outbox rewrites hold (diff, acknowledgement). Whoever deletes a connection's
+        delivery rows in another transaction should hold it too, so neither transaction meets the other's
+        deletes (DuckDB fails the second one)."""
+        with self._locks_guard:
+            return self._locks.setdefault(connection_id, threading.Lock())
+
+    def _active(self, connection_ids: Iterable[int] | None) -> list[Connection]:
+        wanted = None if connection_ids is None else set(connection_ids)
+        return [c for c in self.connections.active()
+                if (wanted is None or c.id in wanted) and self.audiences.find(c.audience_id) is not None]
+
+
+async def _close(output: Output) -> None:
+    try:
+        await output.aclose()
+    except Exception as exc:  # closing a client that already failed: nothing left to do
+        log.warning("closing output %s failed: %s", getattr(output, "kind", "?"), exc)
