@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
+from delivery_seed import seed_delivery
 from live_server import IdSyncClient, LiveServer, WorkspaceCredentials
 
 from api.ca_routes import background_idle
@@ -155,6 +156,9 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     audience = seed_audience(server, workspace_id, "shoppers", [int(ann), int(bob)], now - 2000)
     apply_audience(server, workspace_id, audience, [int(bob)], now - 1000)
     apply_audience(server, workspace_id, audience, [int(ann), int(bob)], now)
+    # a destination holds her (Braze external_id as sent) and a change of hers is pending; bob's rows stay
+    seed_delivery(server, workspace_id, 900_001, int(ann), {"external_id": "ann-cust-77", "email": "ann.erased@example.com"})
+    seed_delivery(server, workspace_id, 900_001, int(bob), {"external_id": "bob-cust-1"})
     access = controller.submitted({"email": "ann.erased@example.com"}, "access")
     assert controller.process() == 1 and controller.export(access).status_code == 200
     waiting = controller.submitted({"customer_id": "ann-cust-77"}, "portability", skip_waiting_period=False)
@@ -164,7 +168,7 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     before = {name for name, _ in text_hits(server, needles)}
     assert {"profiles", "identities", "calculated_attribute_values", "identity_changes", "aliases", "events", "batches",
             "user_attributes", "consent_history", "consent", "dsr_exports", "dsr_requests",
-            "audience_membership_history", "audience_members"} <= before
+            "audience_membership_history", "audience_members", "delivery_state", "delivery_outbox"} <= before
 
     erasure = controller.submitted({"email": "ann.erased@example.com", "controller_customer_id": "ann-cust-77"})
     assert controller.process() == 1
@@ -182,6 +186,8 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert server.query("SELECT value FROM calculated_attribute_values WHERE mpid = ?", int(bob)) == [("1",)]
     assert server.query("SELECT audience_id, entered_ms FROM audience_members WHERE mpid = ?", int(bob)) == [
         (audience, now - 2000)]
+    assert server.query("SELECT (SELECT count(*) FROM delivery_state WHERE mpid = $1), "
+                        "(SELECT count(*) FROM delivery_outbox WHERE mpid = $1)", int(bob)) == [(1, 1)]
     assert server.query("SELECT change, value, reason FROM identity_changes WHERE mpid = ? AND change = 'skip'",
                         int(bob)) == [("skip", None, "unique value held by profile (erased)")]
     assert server.query("SELECT identity_type, value FROM identities WHERE mpid = ?", int(anonymous)) == [
