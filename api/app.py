@@ -28,6 +28,7 @@ from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
 from audiences.connections import ConnectionRegistry
+from audiences.delivery import DIFF_SECONDS, FLUSH_POLL_SECONDS, DeliveryService
 from audiences.registry import AudienceRegistry
 from audiences.upkeep import STANDARD_POLL_SECONDS, TIME_DRIVEN_SECONDS, AudienceUpkeep
 from engine.ca_engine import CalculatedAttributeEngine
@@ -52,10 +53,18 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
         scheduler.add_job(upkeep.evaluate_time_driven, "interval", seconds=TIME_DRIVEN_SECONDS,
                           id="audiences-time", max_instances=1, coalesce=True)
         upkeep.evaluate_after_start(ca_routes.recompute_after_start(app))
+        # delivery (audiences/delivery.py): every connection diffed on schedule (identity and consent changes), new
+        # and changed ones at the next tick, due flushes and retries started each tick, one task per connection
+        delivery.start()
+        scheduler.add_job(delivery.diff, "interval", seconds=DIFF_SECONDS, id="delivery-diff", max_instances=1,
+                          coalesce=True)
+        scheduler.add_job(delivery.tick, "interval", seconds=FLUSH_POLL_SECONDS, id="delivery-flush",
+                          max_instances=1, coalesce=True)
         try:
             yield
         finally:
             scheduler.shutdown(wait=False)
+            await delivery.aclose()  # flushes in flight stop; what they sent unacknowledged is sent again next start
             # uvicorn re-raises SIGTERM once the lifespan has ended, which kills the process before `idmesh serve`
             # can close the service: close it here, so DuckDB checkpoints and the next start replays no WAL. Queued
             # upkeep runs first; the gate waits for computations the scheduler left running (DuckDB refuses to
@@ -79,6 +88,10 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     app.state.connections.load(service.connection)
     upkeep = AudienceUpkeep(service.connection, app.state.audiences, app.state.calculated, app.state.calculation,
                             service.computation_gate)
+    delivery = DeliveryService(service.connection, app.state.connections, app.state.audiences,
+                               lambda workspace_id: service.workspaces.get(workspace_id).scope, service.computation_gate)
+    upkeep.on_applied.append(delivery.memberships_changed)  # real time: changed memberships are diffed at once
+    app.state.delivery = delivery
     app.state.upkeep = upkeep
     app.state.background_tasks = upkeep.tasks  # computations running off the event loop (audiences/upkeep.py)
     app.state.admin_token = admin_token

@@ -126,6 +126,9 @@ class DeliveryService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudged: set[int] = set()          # audiences whose memberships changed since the last nudge diff
         self._nudge_task: asyncio.Task[None] | None = None
+        self._tick_diff: asyncio.Task[None] | None = None   # a tick's diff of new or changed connections
+        self._diffed: dict[int, int] = {}       # connection id -> updated_ms of its last diff in this process
+        self._diff_running = threading.Lock()   # one diff pass at a time: a later pass never writes older wants
         self._closed = False
 
     # --- diff (worker threads) ---------------------------------------------------------------------------------
@@ -133,14 +136,15 @@ class DeliveryService:
                          at_ms: int | None = None) -> dict[int, outbox.DiffResult]:
         """Diff these active connections (None: all of them) into the outbox. A connection whose diff fails is
         logged and left as it was; the others go on."""
-        chosen = self._active(connection_ids)
         results: dict[int, outbox.DiffResult] = {}
         members: dict[tuple[str, int], pl.Series] = {}   # connections of one audience share its read
-        for connection in chosen:
-            try:
-                results[connection.id] = self._diff_one(connection, members, at_ms)
-            except Exception as exc:  # the next diff tries again; the outbox is as the last good diff left it
-                log.error("diff of connection %s failed: %s", connection.id, exc)
+        with self._diff_running:
+            for connection in self._active(connection_ids):
+                try:
+                    results[connection.id] = self._diff_one(connection, members, at_ms)
+                    self._diffed[connection.id] = connection.updated_ms
+                except Exception as exc:  # the next diff tries again; the outbox is as the last good diff left it
+                    log.error("diff of connection %s failed: %s", connection.id, exc)
         return results
 
     def _diff_one(self, connection: Connection, members: dict[tuple[str, int], pl.Series],
@@ -174,6 +178,21 @@ class DeliveryService:
         self.flush_due()
         return results
 
+    async def tick(self) -> None:
+        """Scheduler job, every FLUSH_POLL_SECONDS: diff the connections this process has not diffed since they
+        were created or changed (the first tick after start-up diffs them all), in the background, and start the
+        flushes that are due."""
+        fresh = [c.id for c in self._active(None) if self._diffed.get(c.id) != c.updated_ms]
+        if fresh and (self._tick_diff is None or self._tick_diff.done()):
+            self._tick_diff = asyncio.ensure_future(self._diff_in_background(fresh))
+        self.flush_due()
+
+    async def _diff_in_background(self, connection_ids: list[int]) -> None:
+        try:
+            await self.diff(connection_ids)
+        except Exception as exc:
+            log.error("diff of connections %s failed: %s", connection_ids, exc)
+
     def memberships_changed(self, workspace_id: str, audience_ids: Iterable[int]) -> None:
         """The upkeep applied memberships of these audiences (called from its worker thread): diff their
         connections soon. Changes within NUDGE_DELAY_SECONDS share one diff."""
@@ -191,14 +210,19 @@ class DeliveryService:
             self._nudge_task = asyncio.ensure_future(self._diff_nudged())
 
     async def _diff_nudged(self) -> None:
+        pause = NUDGE_DELAY_SECONDS
         while self._nudged and not self._closed:
-            await asyncio.sleep(NUDGE_DELAY_SECONDS)
+            # a busy ingest changes real-time audiences all the time: waiting at least as long as the last diff
+            # took keeps diffing of big audiences to half the time at most
+            await asyncio.sleep(pause)
             audience_ids, self._nudged = self._nudged, set()
             ids = [c.id for c in self.connections.active() if c.audience_id in audience_ids]
+            started = time.monotonic()
             try:
                 await self.diff(ids)
             except Exception as exc:
                 log.error("diff after membership changes failed: %s", exc)
+            pause = max(NUDGE_DELAY_SECONDS, time.monotonic() - started)
 
     # --- flush -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -291,7 +315,8 @@ class DeliveryService:
     async def idle(self) -> None:
         """Wait until no flush or nudged diff runs (tests, shutdown)."""
         while True:
-            waiting = [t for t in (*self.flushing.values(), self._nudge_task) if t is not None and not t.done()]
+            waiting = [t for t in (*self.flushing.values(), self._nudge_task, self._tick_diff)
+                       if t is not None and not t.done()]
             if not waiting:
                 return
             await asyncio.gather(*waiting, return_exceptions=True)
@@ -300,7 +325,8 @@ class DeliveryService:
         """Stop: running flushes are cancelled (what they sent without an acknowledgement is sent again at the
         next start), outputs are closed."""
         self._closed = True
-        tasks = [t for t in (*self.flushing.values(), self._nudge_task) if t is not None and not t.done()]
+        tasks = [t for t in (*self.flushing.values(), self._nudge_task, self._tick_diff)
+                 if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +34,7 @@ import polars as pl
 
 from audiences.definitions import Criteria
 from audiences.evaluate import evaluate_audiences
-from audiences.membership import apply_members, current_members
+from audiences.membership import Change, apply_members, current_members
 from audiences.registry import Audience, AudienceRegistry
 from engine.ca_engine import CalculatedAttributeEngine
 from engine.ca_registry import CalculatedAttributeRegistry
@@ -77,6 +77,9 @@ class AudienceUpkeep:
         self.tasks: set[asyncio.Task[Any]] = set()   # work running off the event loop; tests wait for it
         self._pending: dict[str, set[int]] = {}
         self._drain: asyncio.Task[None] | None = None
+        # told (workspace id, audience ids) from the worker thread after an evaluation committed membership changes:
+        # delivery diffs those audiences' connections (audiences/delivery.py)
+        self.on_applied: list[Callable[[str, list[int]], None]] = []
 
     def status_of(self, audience_id: int) -> EvaluationStatus:
         return self.status.setdefault(audience_id, EvaluationStatus())
@@ -254,14 +257,20 @@ class AudienceUpkeep:
                                                stored_members=lambda other: current_members(cursor, workspace_id,
                                                                                              other))
                     at = now_ms()
-                    for audience in audiences:
-                        apply_members(cursor, workspace_id, audience.id, found[audience.id], at, universe=mpids)
+                    changed = [audience.id for audience in audiences
+                               if _moved(apply_members(cursor, workspace_id, audience.id, found[audience.id], at,
+                                                       universe=mpids))]
                     cursor.commit()
                 except BaseException:
                     cursor.rollback()
                     raise
         finally:
             cursor.close()
+        for listener in self.on_applied if changed else ():
+            try:
+                listener(workspace_id, changed)
+            except Exception as exc:  # a listener's trouble is its own; the memberships are committed
+                log.error("membership change listener failed: %s", exc)
 
     def _wait_for_calculated_attributes(self, audience: Audience) -> None:
         """A full computation of a calculated attribute the audience reads may be running (it was just activated,
@@ -278,6 +287,10 @@ class AudienceUpkeep:
             for audience_id in sorted(set(audience_ids)):
                 stack.enter_context(self.status_of(audience_id).lock)
             yield
+
+
+def _moved(change: Change) -> bool:
+    return bool(change.adds or change.drops)
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ Request:
     Content-Type: application/json
     X-Idmesh-Timestamp: <unix seconds>
     X-Idmesh-Signature: sha256=<hex HMAC-SHA256(credentials.secret, "<timestamp>." + body)>
-    X-Idmesh-Delivery: <connection id>-<first seq>-<last seq>   (the same on a resend of the same deltas)
+    X-Idmesh-Delivery: <connection id>-<first seq>-<last seq>   (names the outbox rows the batch carries)
 
     {"messages": [{"audience_id": 12, "external_name": "new_low_sessions", "connection_id": 3, "op": "add",
                    "mpid": "8278431810143534355", "identifiers": {"mpid": "...", "email": "..."},
@@ -15,7 +15,8 @@ Request:
 `mpid` is a decimal string, as IDSync answers it (JavaScript numbers lose 64-bit integers). Any 2xx acknowledges
 the whole batch; 408, 425, 429 and 5xx (or no answer) retry it, honouring Retry-After; any other status rejects
 it. Delivery is at least once: a receiver applies `add` and `remove` as set operations keyed by (audience_id,
-mpid), so a resend changes nothing, and may drop batches whose X-Idmesh-Delivery it has applied already.
+mpid), so a resend changes nothing. A resend may group deltas differently (retries, rows replaced meanwhile), so
+X-Idmesh-Delivery identifies a request's rows for logs, not a whole change to deduplicate on.
 """
 
 from __future__ import annotations
