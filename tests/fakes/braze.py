@@ -38,6 +38,8 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -177,15 +179,16 @@ def apply_attributes(current: dict[str, Any], obj: dict[str, Any], identified_by
                 attributes[name] = list(value)
             else:
                 attributes[name] = _capped(_unique(value), array_cap)
-        elif isinstance(value, dict) and value and set(value) <= {"add", "remove"}:
-            values = list(existing) if isinstance(existing, list) else []
-            for op in ("add", "remove"):
-                if op in value and not isinstance(value[op], list):
-                    raise InvalidObject(f"'{op}' on '{name}' takes an array")
-            values = _unique(values + list(value.get("add", [])))
-            removed = _unique(list(value.get("remove", [])))
-            attributes[name] = _capped([item for item in values if item not in removed], array_cap)
-        elif isinstance(value, dict) and set(value) == {"inc"}:
+        elif isinstance(value, dict) and value and value.keys() <= {"add", "remove"}:
+            added, removed = value.get("add", []), value.get("remove", [])
+            if not isinstance(added, list) or not isinstance(removed, list):
+                raise InvalidObject(f"'add' and 'remove' on '{name}' take arrays")
+            values = _unique(list(existing) + added if isinstance(existing, list) else added)
+            if removed:
+                _unique(removed)  # the same element check
+                values = [item for item in values if item not in removed]
+            attributes[name] = _capped(values, array_cap)
+        elif isinstance(value, dict) and value.keys() == {"inc"}:
             step = value["inc"]
             if isinstance(step, bool) or not isinstance(step, (int, float)):
                 raise InvalidObject(f"'inc' on '{name}' takes a number")
@@ -229,7 +232,7 @@ class BrazeFaultResponses(FaultResponses):
 
 class FakeBraze(FakeDestination):
     def __init__(self, config: BrazeConfig | None = None, *, faults: FaultPlan | None = None, log_limit: int = 10_000,
-                 keep_bodies: bool = True, **settings: Any) -> None:
+                 keep_bodies: bool = True, clock: Callable[[], float] = time.time, **settings: Any) -> None:
         if "api_keys" in settings:
             settings["api_keys"] = frozenset(settings["api_keys"])
         if "forbidden_keys" in settings:
@@ -237,7 +240,7 @@ class FakeBraze(FakeDestination):
         self.config = replace(config or BrazeConfig(), **settings)
         self.state = BrazeState()
         self._lock = threading.Lock()
-        self.budget = WindowBudget(self.config.rate_limit, self.config.rate_window_seconds)
+        self.budget = WindowBudget(self.config.rate_limit, self.config.rate_window_seconds, clock)
         app = Starlette(routes=[Route("/users/track", self._track, methods=["POST"])])
         super().__init__(app, BrazeFaultResponses(self), faults, log_limit, keep_bodies)
 

@@ -279,7 +279,8 @@ class FaultMiddleware:
         entry = LoggedRequest(
             method=scope["method"], path=scope["path"], query=scope.get("query_string", b"").decode("latin-1"),
             headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-            body=bytes(body), at=time.time())
+            body=bytes(body) if self.log.keep_bodies else b"", at=time.time())
+        body = bytes(body)
         plan = self.injector.plan
         if plan.latency_seconds > 0:
             await self._sleep(plan.latency_seconds)
@@ -287,7 +288,7 @@ class FaultMiddleware:
         entry.fault = fault
         self.log.append(entry)  # in arrival order; status and response are filled in below
         if fault is None:
-            await self._forward(scope, entry, send, capture=False)
+            await self._forward(scope, body, entry, send, capture=False)
         elif fault is Fault.THROTTLE:
             await self._answer(send, entry, self.responses.throttled(self.injector, entry))
         elif fault is Fault.SERVER_ERROR:
@@ -298,15 +299,13 @@ class FaultMiddleware:
         elif fault is Fault.RESET:
             self._reset(send)
         elif fault is Fault.TIMEOUT_APPLIED:
-            messages = await self._forward(scope, entry, send, capture=True)
+            messages = await self._forward(scope, body, entry, send, capture=True)
             await self._sleep(plan.delay_seconds)
             for message in messages:
                 await send(message)
         elif fault is Fault.RESET_APPLIED:
-            await self._forward(scope, entry, send, capture=True)
+            await self._forward(scope, body, entry, send, capture=True)
             self._reset(send)
-        if not self.log.keep_bodies:
-            entry.body = entry.response = b""
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -318,7 +317,7 @@ class FaultMiddleware:
         if not reset_connection(send):
             raise ConnectionResetError("fault injected: connection reset (no uvicorn transport to abort)")
 
-    async def _forward(self, scope: dict[str, Any], entry: LoggedRequest, send: Send, capture: bool
+    async def _forward(self, scope: dict[str, Any], body: bytes, entry: LoggedRequest, send: Send, capture: bool
                        ) -> list[dict[str, Any]]:
         """Run the app on the buffered body; its messages go to the client unless `capture` keeps them back."""
         delivered = False
@@ -327,30 +326,29 @@ class FaultMiddleware:
             nonlocal delivered
             if not delivered:
                 delivered = True
-                return {"type": "http.request", "body": entry.body, "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             await self.stopping.wait()
             return {"type": "http.disconnect"}
 
         captured: list[dict[str, Any]] = []
-        response = bytearray()
 
         async def record(message: dict[str, Any]) -> None:
+            # the log is complete before the client has the answer, so a test reading it right after never races
             if message["type"] == "http.response.start":
                 entry.status = message["status"]
-            elif message["type"] == "http.response.body":
-                response.extend(message.get("body", b""))
+            elif message["type"] == "http.response.body" and self.log.keep_bodies:
+                entry.response += message.get("body", b"")
             if capture:
                 captured.append(message)
             else:
                 await send(message)
 
         await self.app(scope, replay, record)
-        entry.response = bytes(response)
         return captured
 
     async def _answer(self, send: Send, entry: LoggedRequest, answer: PlainResponse) -> None:
         entry.status = answer.status
-        entry.response = answer.body
+        entry.response = answer.body if self.log.keep_bodies else b""
         headers = [(b"content-type", answer.content_type), (b"content-length", str(len(answer.body)).encode()),
                    *answer.headers]
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
