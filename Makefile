@@ -36,3 +36,7 @@ bench-ingest: install
 .PHONY: bench-calculated
 bench-calculated: install
 	$(BIN)/python bench/calculated.py
+
+.PHONY: bench-audiences
+bench-audiences: install
+	$(BIN)/python bench/audiences.py
