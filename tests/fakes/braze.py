@@ -30,7 +30,9 @@ Behaviour (spec §1.2, §1.3, §1.5); choices the spec leaves open are marked "f
   attributes, events, purchases, and create profiles under the same rules.
 - Success: 201 {"message": "success", "<array>_processed": n for each array sent, "errors": [...] if any}.
 - Rate limit: at most `rate_limit` requests per `rate_window_seconds` (3,000 per 3 s); past it 429. Every answer of
-  /users/track carries X-RateLimit-Limit, X-RateLimit-Remaining and X-RateLimit-Reset (epoch seconds), 429 too.
+  /users/track carries X-RateLimit-Limit, X-RateLimit-Remaining and X-RateLimit-Reset (epoch seconds), 429 too,
+  an injected throttle included (Remaining 0); injected 5xx and 504 answers model a proxy and carry none.
+- Not modelled: the 202 `{"message": "queued"}` maintenance answer, /users/track/bulk, /users/delete, /users/identify.
 """
 
 from __future__ import annotations

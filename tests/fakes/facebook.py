@@ -498,7 +498,7 @@ class FakeFacebook(FakeDestination):
     def _usage_header(self, account_id: str) -> tuple[bytes, bytes]:
         used, reset_at = self.budget.peek(account_id)
         limit = self.config.rate_limit
-        percent = min(100, math.ceil(100 * used / limit)) if limit else 0
+        percent = min(100, math.ceil(100 * used / limit)) if limit else (100 if used else 0)
         regain = math.ceil(max(0.0, reset_at - self.clock()) / 60) if used > limit else 0
         usage = {account_id: [{"type": "custom_audience", "call_count": percent, "total_cputime": percent // 2,
                                "total_time": percent // 2, "estimated_time_to_regain_access": regain}]}
