@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
+from fakes.braze import FakeBraze
+from fakes.faults import Fault, FaultPlan, WindowBudget
+from fakes.server import FakeServer
 
-from audiences.connections import Connection, Credentials, check_settings
-from audiences.outputs.base import Acknowledged, AudienceRef, Delta, Rejected, RetryLater, http_client
+from audiences.connections import Connection, ConnectionRegistry, Credentials, check_settings
+from audiences.delivery import DeliveryService
+from audiences.membership import apply_members
+from audiences.outputs.base import Acknowledged, AudienceRef, Delta, Rejected, RetryLater, RetryPolicy, http_client
 from audiences.outputs.braze import (
     MAX_ITEM_RETRIES,
     SEGMENT_MODES,
@@ -27,9 +35,9 @@ from audiences.outputs.braze import (
     item_outcome,
     plan_objects,
 )
-from tests.fakes.braze import FakeBraze
-from tests.fakes.faults import Fault, FaultPlan, WindowBudget
-from tests.fakes.server import FakeServer
+from audiences.registry import Audience, AudienceRegistry
+from engine.idsync import IdSyncService
+from engine.writer import WriteBatch
 
 KEY = "braze-test-key"
 PARISIANS = AudienceRef(7, "possible_parisians", "Possible Parisians")
@@ -548,3 +556,143 @@ def test_under_faults_braze_converges_to_the_membership(fake: FakeBraze) -> None
     assert {key[1] for key in fake.users_with("In Possible Parisians", True)} == members
     assert {key[1] for key in fake.users_with("SegmentMembership", "'7'")} == members
     assert {key[1] for key in fake.users_with("In Possible Parisians", False)} == {f"u{i}" for i in range(1, 120, 2)}
+
+
+# --- through the delivery service -----------------------------------------------------------------------------------
+
+class Pipeline:
+    """A real DuckDB file with a workspace, audiences and Braze connections, and the delivery service over it: the
+    membership is diffed into the outbox and flushed through BrazeOutput to the fake."""
+
+    def __init__(self, path: Path) -> None:
+        self.service = IdSyncService.open(str(path))
+        created, batch = self.service.workspaces.plan_create("braze", None)
+        self._commit(batch)
+        self.service.workspaces.remember(created.workspace)
+        self.workspace = created.workspace
+        self.audiences = AudienceRegistry(lambda ws, ca_id: False)
+        self.connections = ConnectionRegistry(self.service.master_key)
+        self.delivery = DeliveryService(
+            self.service.connection, self.connections, self.audiences,
+            lambda ws: self.service.workspaces.get(ws).scope, self.service.computation_gate,
+            outputs={"braze": lambda c, a: BrazeOutput(c, a, timeout=0.5)},
+            policy=RetryPolicy(base_seconds=0.05, max_seconds=0.2, jitter=0.5))
+
+    def _commit(self, batch: WriteBatch) -> None:
+        self.service.writer.submit(batch).result(timeout=30)
+
+    def audience(self, name: str) -> Audience:
+        audience, batch = self.audiences.plan_create(self.workspace.id, {
+            "name": name, "external_name": f"Ext {name}", "type": "standard",
+            "criteria": {"identity": {"type": "customerid", "present": True}}})
+        self._commit(batch)
+        self.audiences.remember(audience)
+        return audience
+
+    def connect(self, audience: Audience, base_url: str, api_key: str = KEY, **braze: Any) -> Connection:
+        conn, batch = self.connections.plan_create(self.workspace.id, audience.id, {
+            "output": "braze", "credentials": {"api_key": api_key},
+            "settings": {"base_url": base_url, "braze": braze}})
+        self._commit(batch)
+        self.connections.remember(conn)
+        return conn
+
+    def update(self, conn: Connection, body: dict[str, Any]) -> Connection:
+        updated, batch = self.connections.plan_update(self.workspace.id, conn.audience_id, conn.id, body)
+        self._commit(batch)
+        self.connections.remember(updated)
+        return updated
+
+    def customer_ids(self, mpids: list[int]) -> None:
+        self.service.connection.executemany(
+            "INSERT INTO identities_base VALUES (?, ?, 'customerid', ?, ?, 0)",
+            [(self.workspace.scope, m, f"c{m}", f"c{m}") for m in mpids])
+
+    def members(self, audience: Audience, mpids: list[int]) -> None:
+        cursor = self.service.connection.cursor()
+        cursor.begin()
+        apply_members(cursor, self.workspace.id, audience.id, pl.Series("mpid", mpids, dtype=pl.Int64),
+                      time.time_ns() // 1_000_000)
+        cursor.commit()
+        cursor.close()
+
+    def rows(self, sql: str, *params: Any) -> list[tuple]:
+        cursor = self.service.connection.cursor()
+        try:
+            return cursor.execute(sql, list(params)).fetchall()
+        finally:
+            cursor.close()
+
+    async def settle(self, connection_ids: list[int], rounds: int = 200) -> None:
+        """Flush rounds until the outboxes are empty (retries wait out their short backoff, or a 429's window)."""
+        for _ in range(rounds):
+            await self.delivery.run_once()
+            left = self.rows("SELECT count(*) FROM delivery_outbox WHERE list_contains(?, connection_id)",
+                             connection_ids)[0][0]
+            if not left:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{left} deltas still pending")
+
+    def close(self) -> None:
+        asyncio.run(self.delivery.aclose())
+        self.service.close()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path):
+    made = Pipeline(tmp_path / "braze.duckdb")
+    yield made
+    made.close()
+
+
+def test_memberships_reach_braze_through_the_outbox_under_faults(pipeline: Pipeline, fake: FakeBraze) -> None:
+    """Two audiences in different modes sharing one Braze; the membership moves while 30% of requests fail
+    (throttled, 5xx, timeouts and resets, applied or not): the profiles end exactly as the membership says, and
+    delivery_state says what Braze holds."""
+    buyers, churned = pipeline.audience("buyers"), pipeline.audience("churned")
+    to_buyers = pipeline.connect(buyers, fake.base_url, send_segments_as="all", batch_size=10)
+    to_churned = pipeline.connect(churned, fake.base_url, send_segments_as="array_and_per_segment", batch_size=10)
+    pipeline.customer_ids(list(range(1, 61)))
+    pipeline.members(buyers, list(range(1, 31)))
+    pipeline.members(churned, list(range(20, 41)))
+    asyncio.run(pipeline.settle([to_buyers.id, to_churned.id]))
+    fake.configure(rate_window_seconds=0.2)  # a throttled answer names a reset at most a second or so away
+    fake.faults.configure(FaultPlan(rate=0.3, seed=5, delay_seconds=1.0))
+    fake.faults.force(*Fault)
+    pipeline.members(buyers, list(range(15, 51)))
+    pipeline.members(churned, list(range(1, 11)))
+    asyncio.run(pipeline.settle([to_buyers.id, to_churned.id]))
+    fake.faults.disable()
+
+    def holders(attribute: str, value: Any) -> set[str]:
+        return {key[1] for key in fake.users_with(attribute, value)}
+
+    buyer_ids = {f"c{m}" for m in range(15, 51)}
+    churned_ids = {f"c{m}" for m in range(1, 11)}
+    assert set(fake.faults.injected) == set(Fault)
+    assert holders("SegmentMembershipArray", str(buyers.id)) == buyer_ids
+    assert holders("SegmentMembership", f"'{buyers.id}'") == buyer_ids
+    assert holders("In Ext buyers", True) == buyer_ids
+    assert holders("In Ext buyers", False) == {f"c{m}" for m in range(1, 15)}
+    assert holders("SegmentMembershipArray", str(churned.id)) == churned_ids
+    assert holders("In Ext churned", True) == churned_ids
+    assert holders("In Ext churned", False) == {f"c{m}" for m in range(20, 41)}
+    held = pipeline.rows("SELECT connection_id, count(*) FROM delivery_state GROUP BY ALL ORDER BY 1")
+    assert held == [(to_buyers.id, 36), (to_churned.id, 10)]
+
+
+def test_a_refused_key_parks_the_deltas_until_the_connection_is_fixed(pipeline: Pipeline, fake: FakeBraze) -> None:
+    audience = pipeline.audience("vip")
+    conn = pipeline.connect(audience, fake.base_url, api_key="revoked-key", send_segments_as="single_array")
+    pipeline.customer_ids([1, 2, 3])
+    pipeline.members(audience, [1, 2, 3])
+    result = asyncio.run(pipeline.delivery.run_once())
+    assert result.flushes[conn.id].rejected == 3
+    asyncio.run(pipeline.delivery.run_once())
+    assert len(fake.requests()) == 1  # parked: not sent again while the key is the same
+    status = pipeline.rows("SELECT pending_adds, last_error FROM delivery_status WHERE connection_id = ?", conn.id)
+    assert status[0][0] == 3 and "401" in status[0][1] and "revoked-key" not in status[0][1]
+    pipeline.update(conn, {"credentials": {"api_key": KEY}})
+    asyncio.run(pipeline.settle([conn.id]))
+    assert {key[1] for key in fake.users_with("SegmentMembershipArray", str(audience.id))} == {"c1", "c2", "c3"}

@@ -260,16 +260,17 @@ def _answer_message(response: httpx.Response) -> str:
 
 class BrazeOutput:
     """The Braze output of one connection: its own httpx client (Bearer key, JSON), built per connection by the
-    delivery service and closed with `aclose`. `client` and `clock` are for tests."""
+    delivery service and closed with `aclose`. `timeout` (seconds) replaces base.DEFAULT_TIMEOUT; `client` (not
+    closed here) and `clock` are for tests."""
 
     kind = "braze"
 
     def __init__(self, connection: Connection, audience: AudienceRef, *, client: httpx.AsyncClient | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 timeout: float | None = None, clock: Callable[[], float] = time.time) -> None:
         self.connection = connection
         self.audience = audience
         self.clock = clock
-        self._client = client if client is not None else http_client(connection.base_url or "")
+        self._client = client if client is not None else http_client(connection.base_url or "", timeout=timeout)
         self._owns_client = client is None
         self._not_before = 0.0  # epoch seconds: the rate-limit window the last answer said was spent closes then
 
