@@ -1,4 +1,4 @@
-"""The `idmesh` command line: `idmesh serve`, `idmesh sql`, `idmesh import`."""
+"""The `idmesh` command line: `idmesh serve`, `idmesh sql`, `idmesh import`, `idmesh sync`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import duckdb
 
 from api.import_cli import add_import_command, import_command
 from api.sql_cli import add_sql_command, sql_command
+from api.sync_cli import add_sync_command
 from engine.idsync import IdSyncService
 from engine.store import unwritable_reason
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     add_sql_command(commands)
     add_import_command(commands)
+    add_sync_command(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
@@ -41,7 +43,26 @@ def main(argv: list[str] | None = None) -> int:
         return import_command(args)
     if args.command == "sql":
         return sql_command(args)
+    if args.command == "sync":
+        return _sync_command(args)
     return 2
+
+
+def _sync_command(args: argparse.Namespace) -> int:
+    """`idmesh sync` (api/sync_cli.py) on the database file, which no server may hold open."""
+    from api.sync_cli import sync_command
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    db = args.db or os.environ.get("IDMESH_DB", DEFAULT_DB)
+    try:
+        service = IdSyncService.open(db)
+    except (OSError, duckdb.IOException) as exc:
+        raise SystemExit(f"idmesh sync: cannot open {db}: {str(exc).strip()} (a running server delivers by itself; "
+                         "stop it to sync from the command line)") from None
+    try:
+        return sync_command(args, service)
+    finally:
+        service.close()
 
 
 def serve_command(args: argparse.Namespace) -> int:
