@@ -187,13 +187,16 @@ def members_identifiers(cursor: duckdb.DuckDBPyConnection, connection: Connectio
 
 
 # --- building ----------------------------------------------------------------------------------------------------
+_EMPTY_LONG = pl.DataFrame(schema={"mpid": MPID, "key": pl.String, "value": pl.String})
+
+
 def build_identifiers(connection: Connection, members: pl.Series, identities: pl.DataFrame,
                       attributes: pl.DataFrame | None = None) -> pl.DataFrame:
     """mpid, identifiers: one row per member holding at least one identifier the connection sends, in mpid order.
     `identifiers` is canonical JSON text (keys sorted, no spaces), so equal identifiers are equal strings and
     the diff compares them as text. `identities` and `attributes` are frames shaped like `read_identities` and
     `read_user_attributes` (rows of other profiles are ignored)."""
-    wanted = pl.DataFrame({"mpid": members.cast(MPID)}).unique()
+    wanted = pl.DataFrame({"mpid": members.cast(MPID).unique()})
     long = pl.concat([_identity_values(connection, identities),
                       _attribute_values(connection, attributes)], how="vertical")
     if connection.output in ("webhook", "kafka"):
@@ -208,93 +211,113 @@ def _identity_values(connection: Connection, identities: pl.DataFrame) -> pl.Dat
     """mpid, key, value: per member and key, the preferred identity's value normalized for the output."""
     pairs = identity_keys(connection)
     if not pairs or identities.is_empty():
-        return pl.DataFrame(schema={"mpid": MPID, "key": pl.String, "value": pl.String})
+        return _EMPTY_LONG
     mapping = pl.DataFrame({"identity_type": [t for t, _ in pairs], "key": [k for _, k in pairs],
                             "rank": list(range(len(pairs)))}, schema_overrides={"rank": pl.Int32})
-    chosen = (identities.lazy().cast({"mpid": MPID})
-              .join(mapping.lazy(), on="identity_type", how="inner")
-              .with_columns(value=_normalized(connection.output, connection.options))
-              .filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
-              .sort(["mpid", "key", "rank", "added_ms", "value"], descending=[False, False, False, True, False])
-              .unique(subset=["mpid", "key"], keep="first", maintain_order=True)
-              .select("mpid", "key", "value"))
-    return chosen.collect()
+    joined = identities.cast({"mpid": MPID}).join(mapping, on="identity_type", how="inner")
+    # each key's rule runs over that key's rows only: a when/then chain would run every rule over every row
+    normalized = pl.concat([joined.filter(pl.col("key") == key).with_columns(value=_identity_rule(connection.output, key))
+                            for key in sorted({k for _, k in pairs})])
+    return _first_per_key(normalized.filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
+                          .sort(["mpid", "key", "rank", "added_ms", "value"],
+                                descending=[False, False, False, True, False]))
 
 
-def _normalized(output: str, options: Mapping[str, Any]) -> pl.Expr:
-    raw = pl.col("raw_value").str.strip_chars()
+def _identity_rule(output: str, key: str) -> pl.Expr:
+    raw = pl.col("raw_value")
     if output == "facebook":
-        trimmed = raw.str.strip_chars(" \t\r\n\x00\x0b").str.to_lowercase()
-        return (pl.when(pl.col("key") == "EMAIL").then(trimmed)
-                .when(pl.col("key") == "PHONE").then(
-                    pl.when(trimmed.str.contains(_HEX64)).then(trimmed)
-                    .otherwise(trimmed.str.replace_all(r"\D", "").str.strip_chars_start("0")))
-                .when(pl.col("key") == "MADID").then(trimmed)
-                .otherwise(pl.col("raw_value")))  # EXTERN_ID: the advertiser's own id, exactly as sent
+        trimmed = raw.str.strip_chars().str.strip_chars(" \t\r\n\x00\x0b").str.to_lowercase()
+        if key == "PHONE":  # digits only, no leading zeros; a value hashed already stays as it is
+            return pl.when(trimmed.str.contains(_HEX64)).then(trimmed).otherwise(
+                trimmed.str.replace_all(r"\D", "").str.strip_chars_start("0"))
+        if key in ("EMAIL", "MADID"):
+            return trimmed
+        return raw  # EXTERN_ID: the advertiser's own id, exactly as sent
     if output == "braze":
-        # the external id must equal what the Braze SDK was given: the value as the client sent it
-        return (pl.when(pl.col("key") == "external_id").then(pl.col("raw_value"))
-                .when(pl.col("key") == "email").then(raw.str.to_lowercase())
-                .otherwise(pl.col("value")))  # phone: the stored form keeps the leading + (E.164)
-    return pl.col("raw_value")
+        if key == "external_id":  # must equal what the Braze SDK was given: the value as the client sent it
+            return raw
+        if key == "email":
+            return raw.str.strip_chars().str.to_lowercase()
+        return pl.col("value")  # phone: the stored form keeps the leading + (E.164)
+    return raw
 
 
 def _attribute_values(connection: Connection, attributes: pl.DataFrame | None) -> pl.DataFrame:
     pairs = attribute_keys(connection)
     if not pairs or attributes is None or attributes.is_empty():
-        return pl.DataFrame(schema={"mpid": MPID, "key": pl.String, "value": pl.String})
+        return _EMPTY_LONG
     mapping = pl.DataFrame({"name": [n for n, _ in pairs], "key": [k for _, k in pairs]})
+    joined = attributes.cast({"mpid": MPID}).join(mapping, on="name", how="inner")
+    normalized = pl.concat([joined.filter(pl.col("key") == key).with_columns(value=_attribute_rule(key))
+                            for _, key in pairs])
+    return _first_per_key(normalized.filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
+                          .sort(["mpid", "key", "value"]))
+
+
+def _attribute_rule(key: str) -> pl.Expr:
+    """spec/outputs.md §2.6 for the multi-key attribute keys; Unicode letters are kept (NFC), not only a-z."""
     text = pl.col("value").str.strip_chars(" \t\r\n\x00\x0b.").str.to_lowercase()
     letters = text.str.normalize("NFC").str.replace_all(r"[^\p{L}]", "")
     compact = text.str.replace_all(r"[\s\p{P}]", "")
-    value = (pl.when(text.str.contains(_HEX64)).then(text)
-             .when(pl.col("key").is_in(["FN", "LN", "CT"])).then(letters)
-             .when(pl.col("key") == "GEN").then(
-                 pl.when(text.str.starts_with("m")).then(pl.lit("m"))
-                 .when(text.str.starts_with("f")).then(pl.lit("f")).otherwise(pl.lit(None, pl.String)))
-             .when(pl.col("key") == "ZIP").then(
-                 pl.when(compact.str.contains(r"^\d{5}(\d{4})?$")).then(compact.str.slice(0, 5)).otherwise(compact))
-             .when(pl.col("key") == "COUNTRY").then(
-                 pl.when(letters.str.len_chars() == 2).then(letters).otherwise(pl.lit(None, pl.String)))
-             .otherwise(compact))  # ST
-    return (attributes.lazy().cast({"mpid": MPID}).join(mapping.lazy(), on="name", how="inner")
-            .with_columns(value=value)
-            .filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
-            .sort(["mpid", "key", "value"]).unique(subset=["mpid", "key"], keep="first", maintain_order=True)
-            .select("mpid", "key", "value").collect())
+    if key in ("FN", "LN", "CT"):
+        rule = letters
+    elif key == "GEN":
+        rule = (pl.when(text.str.starts_with("m")).then(pl.lit("m"))
+                .when(text.str.starts_with("f")).then(pl.lit("f")).otherwise(pl.lit(None, pl.String)))
+    elif key == "ZIP":  # US ZIP+4 keeps its first five digits
+        rule = pl.when(compact.str.contains(r"^\d{5}(\d{4})?$")).then(compact.str.slice(0, 5)).otherwise(compact)
+    elif key == "COUNTRY":
+        rule = pl.when(letters.str.len_chars() == 2).then(letters).otherwise(pl.lit(None, pl.String))
+    else:  # ST
+        rule = compact
+    return pl.when(text.str.contains(_HEX64)).then(text).otherwise(rule)
+
+
+def _first_per_key(ordered: pl.DataFrame) -> pl.DataFrame:
+    """The first row of each (mpid, key) run of a frame sorted by them: a comparison with the row before, cheaper
+    than a unique() that hashes every row."""
+    new_run = (pl.col("mpid") != pl.col("mpid").shift(1)) | (pl.col("key") != pl.col("key").shift(1))
+    return ordered.filter(new_run.fill_null(True)).select("mpid", "key", "value")
 
 
 def _hash_keys(long: pl.DataFrame, hashed_keys: frozenset[str]) -> pl.DataFrame:
     """SHA-256 (lowercase hex) of the values of these keys, except values already 64 hex characters."""
     needs = pl.col("key").is_in(sorted(hashed_keys)) & ~pl.col("value").str.contains(_HEX64)
-    long = long.with_columns(needs=needs)
-    digests = sha256_hex(long.filter("needs")["value"].unique())
-    return (long.join(digests, on="value", how="left")
-            .select("mpid", "key", value=pl.when("needs").then("sha256").otherwise("value")))
+    return _in_duckdb(long.with_columns(needs=needs),
+                      "mpid, key, CASE WHEN needs THEN sha256(value) ELSE value END AS value")
 
 
-def sha256_hex(values: pl.Series) -> pl.DataFrame:
-    """value, sha256: the lowercase hex SHA-256 of each value's UTF-8 bytes, computed in DuckDB (its own in-memory
-    instance, so the server's database is never involved)."""
-    frame = pl.DataFrame({"value": values.cast(pl.String)})
-    if frame.is_empty():
-        return frame.with_columns(sha256=pl.lit(None, pl.String))
+def sha256_hex(values: pl.Series) -> pl.Series:
+    """The lowercase hex SHA-256 of each value's UTF-8 bytes, in order."""
+    return _in_duckdb(pl.DataFrame({"value": values.cast(pl.String)}), "sha256(value) AS sha256")["sha256"]
+
+
+def _in_duckdb(frame: pl.DataFrame, projection: str) -> pl.DataFrame:
+    """`SELECT <projection> FROM frame` in a private in-memory DuckDB (polars has no cryptographic hash; the
+    server's database is never involved). A projection over a scan keeps the rows in order."""
     with duckdb.connect(":memory:") as instance:
-        hashed = instance.from_arrow(frame.to_arrow()).project("value, sha256(value) AS sha256").to_arrow_table()
-    return pl.from_arrow(hashed)
+        instance.execute("SET enable_progress_bar = false")
+        result = instance.from_arrow(frame.to_arrow()).project(projection).to_arrow_table()
+    return pl.from_arrow(result)
 
 
 def _as_json(long: pl.DataFrame) -> pl.DataFrame:
-    """mpid, key, value rows -> mpid, identifiers as canonical JSON text."""
+    """mpid, key, value rows (one per member and key) -> mpid, identifiers as canonical JSON text. Keys are this
+    module's own names (no character JSON escapes); values are escaped only where they hold a character JSON must
+    escape, since most (hashes, ids) hold none and the general escape costs more than all the rest."""
     if long.is_empty():
         return pl.DataFrame(schema={"mpid": MPID, "identifiers": pl.String})
+    special = pl.col("value").str.contains(r'[\x00-\x1f"\\]')
     # json_encode of a one-field struct escapes the way JSON does; the slices keep the quoted string alone
-    quoted_key = pl.struct(k=pl.col("key")).struct.json_encode().str.slice(5).str.head(-1)
-    quoted_value = pl.struct(v=pl.col("value")).struct.json_encode().str.slice(5).str.head(-1)
-    return (long.lazy().sort(["mpid", "key"])
-            .select("mpid", piece=pl.concat_str([quoted_key, pl.lit(":"), quoted_value]))
-            .group_by("mpid", maintain_order=True)
-            .agg(identifiers=pl.lit("{") + pl.col("piece").str.join(",") + pl.lit("}"))
+    escaped = pl.struct(v=pl.col("value")).struct.json_encode().str.slice(5).str.head(-1)
+    plain = pl.concat_str([pl.lit('"'), pl.col("value"), pl.lit('"')])
+    quoted = pl.concat([long.filter(~special).with_columns(quoted=plain),
+                        long.filter(special).with_columns(quoted=escaped)])
+    # gathering into a list and joining it is far cheaper in polars than str.join inside the aggregation
+    return (quoted.lazy().sort(["mpid", "key"])
+            .select("mpid", piece=pl.concat_str([pl.lit('"'), pl.col("key"), pl.lit('":'), pl.col("quoted")]))
+            .group_by("mpid", maintain_order=True).agg("piece")
+            .select("mpid", identifiers=pl.lit("{") + pl.col("piece").list.join(",") + pl.lit("}"))
             .collect())
 
 
@@ -304,10 +327,9 @@ def sample_buckets(connection_id: int, mpids: pl.Series) -> pl.Series:
     as an unsigned integer, modulo 100. Stable across processes and versions, and different per connection so two
     10% samples are not the same 10%."""
     keys = pl.DataFrame({"mpid": mpids.cast(MPID)}).select(
-        mpid="mpid", key=pl.concat_str([pl.lit(f"{connection_id}:"), pl.col("mpid").cast(pl.String)]))
-    digests = sha256_hex(keys["key"].unique())
-    joined = keys.join(digests, left_on="key", right_on="value", how="left", maintain_order="left")
-    return (joined["sha256"].str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64) % 100).cast(pl.Int32)
+        key=pl.concat_str([pl.lit(f"{int(connection_id)}:"), pl.col("mpid").cast(pl.String)]))
+    digests = sha256_hex(keys["key"])
+    return (digests.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64) % 100).cast(pl.Int32)
 
 
 def in_sample(connection: Connection, mpids: pl.Series) -> pl.Series:
