@@ -15,8 +15,12 @@ $(BIN)/idmesh: pyproject.toml
 
 install: $(BIN)/idmesh
 
+# the demo workspace's audience "Searchers" syncs to a webhook sink on port 9200 (data/demo.json), started beside
+# the server and stopped with it
 run: install
 	@mkdir -p .run
+	@$(BIN)/idmesh sink --port 9200 --secret demo-webhook-secret & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/idmesh serve --port $(PORT) --db .run/demo.duckdb --config data/demo.json
 
 test: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -56,6 +57,9 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
         # delivery (audiences/delivery.py): every connection diffed on schedule (identity and consent changes), new
         # and changed ones at the next tick, due flushes and retries started each tick, one task per connection
         delivery.start()
+        # a tick every few seconds and a request per delivered batch would flood the INFO log
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         scheduler.add_job(delivery.diff, "interval", seconds=DIFF_SECONDS, id="delivery-diff", max_instances=1,
                           coalesce=True)
         scheduler.add_job(delivery.tick, "interval", seconds=FLUSH_POLL_SECONDS, id="delivery-flush",

@@ -1,4 +1,4 @@
-"""The `idmesh` command line: `idmesh serve`, `idmesh sql`, `idmesh import`, `idmesh sync`."""
+"""The `idmesh` command line: `idmesh serve`, `idmesh sql`, `idmesh import`, `idmesh sync`, `idmesh sink`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 
 from api.import_cli import add_import_command, import_command
+from api.sink_cli import add_sink_command, sink_command
 from api.sql_cli import add_sql_command, sql_command
 from api.sync_cli import add_sync_command
 from engine.idsync import IdSyncService
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     add_sql_command(commands)
     add_import_command(commands)
     add_sync_command(commands)
+    add_sink_command(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return sql_command(args)
     if args.command == "sync":
         return _sync_command(args)
+    if args.command == "sink":
+        return sink_command(args)
     return 2
 
 
@@ -87,8 +91,11 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.config_audiences import ensure_audiences
 
     app = create_app(service, admin_token)
+    for line in asyncio.run(ensure_audiences(app, config.get("workspaces", []))):
+        print(line, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                     access_log=False, log_level="warning", loop="uvloop", http="httptools",
