@@ -44,6 +44,7 @@ from audiences.outputs.base import (
     OutputFactory,
     RetryLater,
     RetryPolicy,
+    seconds_from_env,
 )
 from audiences.registry import AudienceRegistry
 from engine.computation_gate import ComputationGate
@@ -52,7 +53,8 @@ from engine.store import now_ms
 log = logging.getLogger("idmesh.delivery")
 
 DIFF_SECONDS = 300         # scheduled diff of every active connection (identity and consent changes)
-FLUSH_POLL_SECONDS = 5     # how often due connections are looked for (thresholds, retries)
+# how often due connections are looked for (thresholds, retries); IDMESH_DELIVERY_FLUSH_SECONDS, default 5
+FLUSH_POLL_SECONDS = seconds_from_env("IDMESH_DELIVERY_FLUSH_SECONDS", 5.0)
 NUDGE_DELAY_SECONDS = 1.0  # membership changes within this long share one diff
 
 

@@ -14,6 +14,8 @@ retry survives a restart, and a failing destination never keeps a flush task bus
 from __future__ import annotations
 
 import email.utils
+import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -27,9 +29,27 @@ if TYPE_CHECKING:  # audiences/connections.py imports nothing of the outputs; th
 
 USER_AGENT = "idmesh/0.1 (audience delivery)"
 
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name`, else `default`; a value that is not one
+    is a ValueError naming the variable (the server refuses to start rather than run with a setting it ignored)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name}={raw!r} is not a positive number of seconds")
+    return value
+
+
 # Connect and pool waits are short: a destination that does not accept a connection in seconds is down, and the
-# deltas are retried later. Reads may be slow (a bulk upload is processed before the answer comes).
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=5.0)
+# deltas are retried later. Reads may be slow (a bulk upload is processed before the answer comes):
+# IDMESH_DELIVERY_TIMEOUT_SECONDS (default 30) bounds them.
+_READ_SECONDS = seconds_from_env("IDMESH_DELIVERY_TIMEOUT_SECONDS", 30.0)
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=_READ_SECONDS, write=_READ_SECONDS, pool=5.0)
 
 # Statuses that say "not now" rather than "never": request timeout, too early, rate limited, server trouble.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
