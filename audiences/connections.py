@@ -416,8 +416,9 @@ def _output_block(output: str, value: Any, known_ca: Any) -> dict[str, Any]:
         _no_unknown(given, ("batch_size", "bootstrap_servers", "topic", "security_protocol", "sasl_mechanism"), name)
         servers = _text(given.get("bootstrap_servers"), f"{name}.bootstrap_servers") \
             if given.get("bootstrap_servers") is not None else None
-        if servers is None or not all(_BOOTSTRAP.fullmatch(s.strip()) for s in servers.split(",")):
-            raise BadRequest(f"{name}.bootstrap_servers is required: host:port[,host:port...]",
+        if servers is None or not all(_BOOTSTRAP.fullmatch(s.strip()) and 0 < int(s.rsplit(":", 1)[1]) < 65536
+                                      for s in servers.split(",")):
+            raise BadRequest(f"{name}.bootstrap_servers is required: host:port[,host:port...], ports 1 to 65535",
                              field=f"{name}.bootstrap_servers")
         block["bootstrap_servers"] = ",".join(s.strip() for s in servers.split(","))
         topic = given.get("topic")
