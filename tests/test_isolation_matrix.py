@@ -155,7 +155,8 @@ class Tenant:
         return self.audience_path(f"/{audience_id or self.managed_audience}/connections{suffix}")
 
     def connection_body(self, name: str | None = None, secret: str | None = None) -> dict[str, Any]:
-        return {"output": "webhook", "name": name or unique(f"{self.label}-connection"),
+        # inactive: the delivery service would otherwise write attempts in the background, a change no request made
+        return {"output": "webhook", "name": name or unique(f"{self.label}-connection"), "status": "inactive",
                 "credentials": {"secret": secret or unique(f"{self.label}-webhook-secret")},
                 "settings": {"webhook": {"url": "http://127.0.0.1:9/hook"}, "identity_types": ["email"]}}
 
