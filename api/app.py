@@ -29,7 +29,7 @@ from api.errors import install_error_handlers
 from api.gzip_body import GzipRequestMiddleware
 from api.ratelimit import TokenBuckets
 from audiences.connections import ConnectionRegistry
-from audiences.delivery import DIFF_SECONDS, FLUSH_POLL_SECONDS, DeliveryService
+from audiences.delivery import DIFF_SECONDS, FLUSH_POLL_SECONDS, DeliveryService, server_outputs
 from audiences.registry import AudienceRegistry
 from audiences.upkeep import STANDARD_POLL_SECONDS, TIME_DRIVEN_SECONDS, AudienceUpkeep
 from engine.ca_engine import CalculatedAttributeEngine
@@ -93,7 +93,9 @@ def create_app(service: IdSyncService, admin_token: str) -> FastAPI:
     upkeep = AudienceUpkeep(service.connection, app.state.audiences, app.state.calculated, app.state.calculation,
                             service.computation_gate)
     delivery = DeliveryService(service.connection, app.state.connections, app.state.audiences,
-                               lambda workspace_id: service.workspaces.get(workspace_id).scope, service.computation_gate)
+                               lambda workspace_id: service.workspaces.get(workspace_id).scope, service.computation_gate,
+                               outputs=server_outputs(app.state.connections, service.writer, app.state.calculated,
+                                                      app.state.audience_changes))
     upkeep.on_applied.append(delivery.memberships_changed)  # real time: changed memberships are diffed at once
     app.state.delivery = delivery
     app.state.upkeep = upkeep

@@ -43,7 +43,7 @@ class Sync:
 
     def __init__(self, service: IdSyncService) -> None:
         from audiences.connections import ConnectionRegistry
-        from audiences.delivery import DeliveryService
+        from audiences.delivery import DeliveryService, server_outputs
         from audiences.registry import AudienceRegistry
         from audiences.upkeep import AudienceUpkeep
         from engine.ca_engine import CalculatedAttributeEngine
@@ -62,7 +62,8 @@ class Sync:
                                      service.computation_gate)
         self.delivery = DeliveryService(service.connection, self.connections, self.audiences,
                                         lambda workspace_id: service.workspaces.get(workspace_id).scope,
-                                        service.computation_gate)
+                                        service.computation_gate,
+                                        outputs=server_outputs(self.connections, service.writer, self.calculated))
         self.upkeep.on_applied.append(self.delivery.memberships_changed)
 
 

@@ -47,8 +47,11 @@ from audiences.outputs.base import (
     seconds_from_env,
 )
 from audiences.registry import AudienceRegistry
+from engine.ca_registry import CalculatedAttributeRegistry
 from engine.computation_gate import ComputationGate
+from engine.errors import NotFound
 from engine.store import now_ms
+from engine.writer import GroupCommitWriter
 
 log = logging.getLogger("idmesh.delivery")
 
@@ -71,6 +74,33 @@ def default_outputs() -> dict[str, OutputFactory]:
             outputs[kind] = getattr(__import__(module, fromlist=[name]), name)
         except (ImportError, AttributeError) as exc:
             log.warning("output %s is not available: %s", kind, exc)
+    return outputs
+
+
+def server_outputs(connections: ConnectionRegistry, writer: GroupCommitWriter, calculated: CalculatedAttributeRegistry,
+                   lock: asyncio.Lock | None = None) -> dict[str, OutputFactory]:
+    """`default_outputs()` as a process that owns the store uses them: the Facebook output keeps the audience ids it
+    creates durable (`connection.remote`, through the group-commit writer, under `lock`, the lock connection
+    changes take) and is told the name a calculated value attribute is forwarded under (the outbox forwards
+    calculated attributes by name)."""
+    outputs = default_outputs()
+    if "facebook" not in outputs:
+        return outputs
+    from audiences.outputs.facebook import FacebookOutput, RegistryRemoteStore
+
+    store = RegistryRemoteStore(connections, writer, lock)
+
+    def facebook(connection: Connection, audience: AudienceRef) -> Output:
+        value = connection.value_attribute
+        name = None
+        if value is not None and value[0] == "calculated":
+            try:
+                name = calculated.get(connection.workspace_id, int(value[1])).name
+            except NotFound:  # deleted meanwhile: the output finds the value the way it does without a name
+                name = None
+        return FacebookOutput(connection, audience, store=store, value_attribute_name=name)
+
+    outputs["facebook"] = facebook
     return outputs
 
 
