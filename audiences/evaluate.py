@@ -200,9 +200,10 @@ def _event_counts(cursor: duckdb.DuckDBPyConnection, workspace_id: str, plan: _P
     if None not in starts:
         where.append("timestamp_ms >= ?")
         where_params.append(min(starts))
-    points = sorted({(s.event_type, s.event_name) for s in plan.selections}, key=str)
-    tests = [_point_sql(event_type, event_name) for event_type, event_name in points]
-    where.append("(" + " OR ".join(test for test, _ in tests) + ")")
+    # only events some selection takes: a selection of every custom event since May must not pull in the
+    # custom events before May that another selection's data point names but its period leaves out
+    tests = [_selection_sql(selection, as_of_ms) for selection in plan.selections]
+    where.append("(" + " OR ".join(f"({test})" for test, _ in tests) + ")")
     where_params += [p for _, params in tests for p in params]
     if mpids is not None:
         # a semi-join here: the events view has no window to push below, and it was ~2x faster than list_contains
