@@ -167,11 +167,15 @@ class DeliveryService:
     def diff_connections(self, connection_ids: Iterable[int] | None = None,
                          at_ms: int | None = None) -> dict[int, outbox.DiffResult]:
         """Diff these active connections (None: all of them) into the outbox. A connection whose diff fails is
-        logged and left as it was; the others go on."""
+        logged and left as it was; the others go on. From a worker thread while nothing changes the registries
+        (`idmesh sync`); beside a running server use `diff`, which picks the connections on the event loop."""
+        return self._diff_many(self._active(connection_ids), at_ms)
+
+    def _diff_many(self, connections: list[Connection], at_ms: int | None = None) -> dict[int, outbox.DiffResult]:
         results: dict[int, outbox.DiffResult] = {}
         members: dict[tuple[str, int], pl.Series] = {}   # connections of one audience share its read
         with self._diff_running:
-            for connection in self._active(connection_ids):
+            for connection in connections:
                 try:
                     results[connection.id] = self._diff_one(connection, members, at_ms)
                     self._diffed[connection.id] = connection.updated_ms
@@ -205,8 +209,9 @@ class DeliveryService:
     # --- diff (event loop) -------------------------------------------------------------------------------------
     async def diff(self, connection_ids: Iterable[int] | None = None) -> dict[int, outbox.DiffResult]:
         """Scheduler job: diff (all active connections by default), then flush the ones now due."""
-        ids = None if connection_ids is None else list(connection_ids)
-        results = await asyncio.to_thread(self.diff_connections, ids)
+        # the registries change on the event loop (API requests): read them here, not in the worker thread
+        chosen = self._active(None if connection_ids is None else list(connection_ids))
+        results = await asyncio.to_thread(self._diff_many, chosen)
         self.flush_due()
         return results
 
@@ -231,12 +236,11 @@ class DeliveryService:
         loop = self._loop
         if loop is None or loop.is_closed() or self._closed:
             return
-        ids = set(audience_ids)
-        if not any(c.audience_id in ids for c in self.connections.active()):
-            return
-        loop.call_soon_threadsafe(self._nudge, ids)
+        loop.call_soon_threadsafe(self._nudge, set(audience_ids))
 
     def _nudge(self, audience_ids: set[int]) -> None:
+        if not any(c.audience_id in audience_ids for c in self.connections.active()):
+            return
         self._nudged |= audience_ids
         if self._nudge_task is None or self._nudge_task.done():
             self._nudge_task = asyncio.ensure_future(self._diff_nudged())
@@ -334,7 +338,7 @@ class DeliveryService:
     async def run_once(self, force: bool = True) -> RoundResult:
         """Diff every active connection, then flush each of them (all due rows when `force`, else only the
         connections whose thresholds are met) and wait for the flushes: `idmesh sync --once`, and tests."""
-        diffs = await asyncio.to_thread(self.diff_connections)
+        diffs = await asyncio.to_thread(self._diff_many, self._active(None))
         waiting = list(self.flushing.values())
         if waiting:  # a flush already running finishes first: its round may not cover what the diff queued
             await asyncio.gather(*waiting, return_exceptions=True)
