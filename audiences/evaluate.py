@@ -28,6 +28,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from audiences.definitions import (
     AllOf,
@@ -46,6 +47,7 @@ from audiences.definitions import (
     leaves,
 )
 from engine.ca_compute import attribute_column, condition_expr
+from engine.ca_definitions import Condition, TimePeriod
 from engine.ca_engine import attribute_extractions
 
 StoredMembers = Callable[[int], pl.Series]  # audience id -> its current members' MPIDs
@@ -68,6 +70,8 @@ def evaluate_audiences(cursor: duckdb.DuckDBPyConnection, workspace_id: str,
         for leaf in leaves(audience_criteria):
             plan.add(leaf)
     profiles = _read_profiles(cursor, workspace_id, mpids)
+    if profiles.is_empty():  # nobody to evaluate (a batch of unknown profiles, an empty workspace)
+        return {audience_id: pl.Series("mpid", [], _MPID) for audience_id in criteria}
     # the other reads need only the profiles that exist: an unknown or orphaned MPID among `mpids` drops out here
     wanted = None if mpids is None else profiles.get_column("mpid").to_list()
     # one lazy plan from here: polars runs the group-bys, joins and every audience's expression in one go
@@ -105,8 +109,8 @@ class _Selection:
 
     event_type: str | None
     event_name: str | None
-    conditions: tuple[Any, ...]
-    time_period: Any
+    conditions: tuple[Condition, ...]
+    time_period: TimePeriod
 
     @classmethod
     def of(cls, leaf: EventLeaf) -> _Selection:
@@ -171,8 +175,8 @@ def _read_profiles(cursor: duckdb.DuckDBPyConnection, workspace_id: str, mpids: 
 def _event_counts(cursor: duckdb.DuckDBPyConnection, workspace_id: str, plan: _Plan, as_of_ms: int,
                   mpids: list[int] | None) -> pl.LazyFrame | None:
     """Per profile with a selected event, how many events each selection matches (`count_<i>`). One read for
-    every selection: the union of their data points from the earliest period start, a column per selection
-    saying whether the event is in it, and each attribute a condition reads extracted as text."""
+    every selection: the events some selection takes (data point and period), a column per selection saying
+    whether the event is in it, and each attribute a condition reads extracted as text."""
     if not plan.selections:
         return None
     names: list[str] = []
@@ -189,7 +193,7 @@ def _event_counts(cursor: duckdb.DuckDBPyConnection, workspace_id: str, plan: _P
         for source in {_json_source(c.attribute_name) for c in selection.conditions}:
             guards.setdefault(source, []).append((test, test_params))
     # JSON is parsed only on the events of a selection that has conditions on it: most events read are only
-    # counted (in the full evaluation this took the read from ~2.7 s to ~X s at 10M events)
+    # counted (reading 3.2M of 10M events with conditions on some: 2.7 s -> 2.1 s)
     guarded, guard_params = [], []
     for source, tests in sorted(guards.items()):
         guarded.append(f"CASE WHEN {' OR '.join(f'({test})' for test, _ in tests)} THEN {source} END AS {source}")
@@ -197,7 +201,7 @@ def _event_counts(cursor: duckdb.DuckDBPyConnection, workspace_id: str, plan: _P
     where = ["workspace_id = ?", "timestamp_ms <= ?"]
     where_params: list[object] = [workspace_id, as_of_ms]
     starts = [s.time_period.start_ms(as_of_ms) for s in plan.selections]
-    if None not in starts:
+    if None not in starts:  # a plain bound DuckDB can check against each row group's time range
         where.append("timestamp_ms >= ?")
         where_params.append(min(starts))
     # only events some selection takes: a selection of every custom event since May must not pull in the
@@ -280,7 +284,7 @@ def _calculated_attribute_flags(cursor: duckdb.DuckDBPyConnection, workspace_id:
     return _value_flags(rows, pl.Int64, {(t.ca_id, t.condition()): i for t, i in plan.ca_tests.items()}, "ca")
 
 
-def _value_flags(rows: Any, key_type: pl.DataType, tests: dict[tuple[Any, Any], int], prefix: str) -> pl.LazyFrame:
+def _value_flags(rows: pa.Table, key_type: pl.DataType, tests: dict[tuple[Any, Any], int], prefix: str) -> pl.LazyFrame:
     """Per profile, whether each test holds on its value (`flag_<prefix>_<i>`); `exists` asks for a row at all."""
     values = pl.from_arrow(rows).lazy().cast({"mpid": _MPID, "key": key_type, "texts": pl.List(pl.String)})
     # an empty list becomes one null text: the value exists, and nothing compares true on a null
