@@ -146,7 +146,8 @@ def diff_connection(cursor: duckdb.DuckDBPyConnection, connection: Connection, w
     wanted = wanted.select(pl.col("mpid").cast(pl.Int64), pl.col("identifiers").cast(pl.String).alias("w_ids"))
     pending = pl.from_arrow(cursor.sql(
         "SELECT rowid AS row, mpid, op AS p_op, identifiers::VARCHAR AS p_ids, changed_ms AS p_changed, "
-        "attempts AS p_attempts FROM delivery_outbox WHERE connection_id = $connection", params=params
+        "attempts AS p_attempts FROM delivery_outbox WHERE connection_id = $connection AND NOT erasure",
+        params=params
     ).to_arrow_table())
     pending = pending.cast({"row": pl.Int64, "mpid": pl.Int64, "p_op": pl.String, "p_ids": pl.String,
                             "p_changed": pl.Int64, "p_attempts": pl.Int32})
@@ -285,17 +286,20 @@ def unpark(cursor: duckdb.DuckDBPyConnection, connection_id: int, changed_ms: in
 
 def due(cursor: duckdb.DuckDBPyConnection, connection: Connection, at_ms: int) -> Due:
     """Whether the connection's queue is due: its oldest fresh row is `max_age_seconds` old, or `max_queued`
-    fresh rows wait, or a row that failed before has waited out its backoff. Parked (rejected) rows never are."""
-    queued, oldest, retry_due, next_retry = cursor.execute(
+    fresh rows wait, or a row that failed before has waited out its backoff, or an erasure remove was never sent
+    (an erased person's identifiers should not wait for a bulk threshold). Parked (rejected) rows never are."""
+    queued, oldest, retry_due, next_retry, erasures = cursor.execute(
         """SELECT count(*) FILTER (WHERE attempts = 0), min(changed_ms) FILTER (WHERE attempts = 0),
                   count(*) FILTER (WHERE attempts > 0 AND next_attempt_ms <= $at),
-                  min(next_attempt_ms) FILTER (WHERE attempts > 0 AND next_attempt_ms < $parked)
+                  min(next_attempt_ms) FILTER (WHERE attempts > 0 AND next_attempt_ms < $parked),
+                  count(*) FILTER (WHERE erasure AND attempts = 0)
            FROM delivery_outbox WHERE connection_id = $connection""",
         {"connection": connection.id, "at": at_ms, "parked": PARKED_MS}).fetchall()[0]
     age_due = None if oldest is None else oldest + int(connection.max_age_seconds * 1000)
     candidates = [t for t in (age_due, next_retry) if t is not None]
     next_due = min(candidates) if candidates else None
-    is_due = queued >= connection.max_queued or retry_due > 0 or (age_due is not None and age_due <= at_ms)
+    is_due = (queued >= connection.max_queued or retry_due > 0 or erasures > 0
+              or (age_due is not None and age_due <= at_ms))
     return Due(is_due, queued, retry_due, at_ms if is_due else next_due)
 
 
@@ -306,10 +310,12 @@ def take(cursor: duckdb.DuckDBPyConnection, connection: Connection, at_ms: int, 
     destination holds for its profile now (`held_identifiers`). Before they are sent, `mark_sending` must commit:
     from then on the diff treats them as possibly applied."""
     rows = cursor.execute(
-        """WITH picked AS (SELECT seq, mpid, op, identifiers, attributes, changed_ms, attempts FROM delivery_outbox
+        """WITH picked AS (SELECT seq, mpid, op, identifiers, attributes, changed_ms, attempts, held_identifiers
+                           FROM delivery_outbox
                            WHERE connection_id = $connection AND next_attempt_ms <= $at AND seq > $after
                            ORDER BY seq LIMIT $limit)
-           SELECT p.seq, p.mpid, p.op, p.identifiers, p.attributes, p.changed_ms, p.attempts, s.identifiers
+           SELECT p.seq, p.mpid, p.op, p.identifiers, p.attributes, p.changed_ms, p.attempts,
+                  coalesce(s.identifiers, p.held_identifiers)
            FROM picked p LEFT JOIN delivery_state s ON s.connection_id = $connection AND s.mpid = p.mpid
            ORDER BY p.seq""",
         {"connection": connection.id, "at": at_ms, "after": after_seq, "limit": limit}).fetchall()
@@ -403,12 +409,15 @@ def _apply_to_state(cursor: duckdb.DuckDBPyConnection, params: dict[str, Any], a
                        {"connection": params["connection"]}).fetchall()
         # the identifiers' text as the outbox row holds it (the diff compares texts), while the row is there; a row
         # the diff replaced meanwhile leaves the delta's own serialization, which at worst costs one more add
-        cursor.execute("""INSERT INTO delivery_state
+        cursor.execute("""INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms)
                           SELECT $workspace, $connection, a.mpid, coalesce(o.identifiers, a.ids), $at
                           FROM outbox_acknowledged a
                           LEFT JOIN delivery_outbox o ON o.connection_id = $connection AND o.seq = a.seq
                                                      AND o.mpid = a.mpid
-                          WHERE a.op = 'add'""", params).fetchall()
+                          WHERE a.op = 'add' AND NOT EXISTS (
+                              SELECT 1 FROM delivery_outbox e
+                              WHERE e.connection_id = $connection AND e.mpid = a.mpid AND e.erasure)""",
+                       params).fetchall()
 
 
 def _status(outcomes: Sequence[Outcome]) -> int | None:

@@ -83,7 +83,8 @@ def main() -> int:
             clock = 1_000_000
             rounds["initial"].append(one_diff(cursor, connection, clock))
             # everything acknowledged, in bulk (as acknowledgements leave it)
-            cursor.execute("INSERT INTO delivery_state SELECT workspace_id, connection_id, mpid, identifiers, 0 "
+            cursor.execute("INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms) "
+                           "SELECT workspace_id, connection_id, mpid, identifiers, 0 "
                            "FROM delivery_outbox WHERE op = 'add'")
             cursor.execute("DELETE FROM delivery_outbox")
             cursor.execute("CHECKPOINT")

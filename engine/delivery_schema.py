@@ -149,3 +149,25 @@ COMMENT ON COLUMN delivery_status.last_error IS 'error of the latest request tha
 """
 
 MIGRATION_SQL = TABLES_DDL + VIEWS_DDL + COMMENTS
+
+# Migration 9: erasure removes and forwarded attribute values.
+# - An erasure (engine/erasure.py) replaces the person's delivery_state rows by outbox removes flagged `erasure`:
+#   the diff never touches them (the person is no member of anything any more), an acknowledgement deletes them,
+#   and until then they are the only delivery rows naming the person. `held_identifiers` keeps what the state row
+#   said when it differs from what the remove names (a possibly-sent add named other identifiers), so an output
+#   keyed by identifier removes both although the state row is gone.
+# - `delivery_state.attributes_hash`: md5 of the forwarded attributes' JSON text the acknowledged add carried
+#   (NULL when it carried none), so the diff re-sends an add when a forwarded value changes.
+ERASURE_AND_ATTRIBUTES_SQL = """
+ALTER TABLE delivery_outbox ADD COLUMN erasure BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE delivery_outbox ADD COLUMN held_identifiers JSON;
+ALTER TABLE delivery_state ADD COLUMN attributes_hash VARCHAR;
+COMMENT ON COLUMN delivery_outbox.erasure IS
+    'true: a remove queued by an erasure; the only row left naming the person, deleted when acknowledged';
+COMMENT ON COLUMN delivery_outbox.held_identifiers IS
+    'erasure removes only: the identifiers the erased state row held, when they differ from the ones named';
+COMMENT ON COLUMN delivery_state.attributes_hash IS
+    'md5 of the forwarded attributes JSON the acknowledged add carried; NULL when none were forwarded';
+COMMENT ON TABLE erasure_events IS
+    'one row per erasure; forwarded_ms: when removes were queued to the destinations holding the person (NULL: none)';
+"""

@@ -4,29 +4,35 @@ and keep only what stops their data from coming back.
 What goes: the profile, its identities, its identity_changes rows, aliases and alias effects naming its MPID,
 its user attributes, consent and consent history, its events and the alias copies of them on other profiles,
 its batches (their envelopes hold identities and attributes), its calculated attribute values and seeds, its
-audience memberships past and present, what destinations were sent about it and its pending deliveries
-(delivery_state, delivery_outbox: identifiers as sent, hashed or not), access exports made for it, and the MPID
-and identities in any stored request. Rows of *other* profiles that name the person lose those names: the MPID in
-`identity_changes.other_mpid` and in reasons, the person's values in `identity_changes.value`. A quarantined
-hub value goes only if no other profile holds it.
+audience memberships past and present, what destinations were sent about it (delivery_state) and its pending
+deliveries (delivery_outbox), access exports made for it, and the MPID and identities in any stored request. Rows
+of *other* profiles that name the person lose those names: the MPID in `identity_changes.other_mpid` and in
+reasons, the person's values in `identity_changes.value`. A quarantined hub value goes only if no other profile
+holds it.
+
+Destinations are told: every connection whose destination holds the person (a delivery_state row) or may hold
+them (a pending row already taken for sending, `attempts > 0`: its request may have been applied) gets one outbox
+remove flagged `erasure`, naming the exact identifiers held (for a possibly-sent add, what it named; the state's
+identifiers ride along in `held_identifiers` when they differ). These rows replace the person's delivery_state
+and outbox rows: until the normal flush has them acknowledged they are the only rows naming the person (MPID and
+identifiers as sent, hashed or not), and the acknowledgement deletes them (audiences/outbox.py). The diff never
+touches them. A pending add that was never taken is dropped: its destination never heard of the person.
 
 What stays: a tombstone per erased identity (engine/tombstones.py) so a later identify, login, modify or batch
 ignores it, and the replay keys of the deleted batches (already 64-bit digests) so replaying them stores
 nothing. Erased identities are the profile's current ones, the request's, and every value its own ledger
 named, except values another profile holds now (a shared device id is theirs too). Audience size points stay:
 counts name nobody, and a size that counted the person was true when it was recorded (`audience_stats` counts
-the current members, so it drops the person at once).
-
-Destinations do not exist yet: each erasure adds a row to `erasure_events` (types and tombstone hashes, no
-values) with `forwarded_ms` NULL; the delivery milestone reads it. Deleting delivery_state also means no
-later diff sends the destinations a remove for the person: erasure_events is the only way left to tell them.
-An output that needs the raw identities has to be handed them here, inside `plan_erasure`, before they are
-deleted.
+the current members, so it drops the person at once). Each erasure adds a row to `erasure_events` (types and
+tombstone hashes, no values); its `forwarded_ms` is the erasure's time when removes were queued, NULL when no
+destination held the person.
 
 It runs as one writer transaction after folding the journal (`fold_first`), so the base tables hold every
 acknowledged row when the deletes run; the in-memory state changes synchronously before the commit is awaited,
 so no request planned afterwards can reach the profile. engine/dsr.py runs it holding the computation gate
-(engine/computation_gate.py) alone: no calculated attribute computation writes value rows meanwhile.
+(engine/computation_gate.py) alone: no calculated attribute computation writes value rows meanwhile, and no
+delivery diff, take or acknowledgement (audiences/delivery.py runs them inside the gate) meets its rewrite of the
+person's delivery rows.
 """
 
 from __future__ import annotations
@@ -57,9 +63,25 @@ _DELETES = (
     ("calculated_attribute_values", "mpid = $1"),
     ("calculated_attribute_seeds", "mpid = $1"),
     ("audience_membership_history", "mpid = $1"),
-    ("delivery_state", "mpid = $1"),
-    ("delivery_outbox", "mpid = $1"),
 )
+
+# One erasure remove per connection whose destination holds the person, or may (a pending row taken for sending):
+# named as the possibly-sent add named them, else as held; seq above every row of the connection. $1 MPID, $2 now.
+_QUEUE_REMOVES = """
+INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers, attributes, changed_ms,
+                             attempts, next_attempt_ms, last_error, erasure, held_identifiers)
+SELECT workspace_id, connection_id,
+       (SELECT coalesce(max(o.seq), 0) + 1 FROM delivery_outbox o WHERE o.connection_id = r.connection_id),
+       $1, 'remove', identifiers, NULL, $2, 0, $2, NULL, true,
+       CASE WHEN held::VARCHAR IS DISTINCT FROM identifiers::VARCHAR THEN held END
+FROM (SELECT coalesce(s.workspace_id, p.workspace_id) AS workspace_id,
+             coalesce(s.connection_id, p.connection_id) AS connection_id,
+             CASE WHEN p.op = 'add' OR s.identifiers IS NULL THEN p.identifiers ELSE s.identifiers END AS identifiers,
+             s.identifiers AS held
+      FROM (SELECT * FROM delivery_state WHERE mpid = $1) s
+      FULL JOIN (SELECT * FROM delivery_outbox WHERE mpid = $1 AND NOT erasure AND attempts > 0) p
+             ON p.connection_id = s.connection_id) r
+"""
 
 _KEYS = "(SELECT unnest($1::VARCHAR[]) AS t, unnest($2::VARCHAR[]) AS v) AS k"  # $3: the scope
 
@@ -111,6 +133,10 @@ def plan_erasure(service: IdSyncService, workspace: Workspace, mpid: int, reques
         deleted = 0
         for table, condition in _DELETES:
             deleted += cur.execute(f"DELETE FROM {table} WHERE {condition}", [mpid]).fetchone()[0]
+        # what destinations hold becomes removes to send: the only delivery rows left naming the person
+        queued = cur.execute(_QUEUE_REMOVES, [mpid, at]).fetchone()[0]
+        deleted += cur.execute("DELETE FROM delivery_state WHERE mpid = $1", [mpid]).fetchone()[0]
+        deleted += cur.execute("DELETE FROM delivery_outbox WHERE mpid = $1 AND NOT erasure", [mpid]).fetchone()[0]
         # other profiles' ledger rows keep what happened to them, without naming the person
         cur.execute("UPDATE identity_changes_base SET other_mpid = NULL WHERE other_mpid = $1", [mpid])
         cur.execute("UPDATE identity_changes_base SET reason = replace(reason, $1, '(erased)') "
@@ -126,9 +152,9 @@ def plan_erasure(service: IdSyncService, workspace: Workspace, mpid: int, reques
                         [[t for t, _ in lone_hubs], [v for _, v in lone_hubs], plan.scope])
         cur.execute("UPDATE dsr_requests SET mpid = NULL, subject_identities = NULL WHERE mpid = $1", [mpid])
         cur.execute("INSERT INTO erased_identities SELECT $1, unnest($2::VARCHAR[]), $3", [plan.scope, plan.digests, at])
-        cur.execute("INSERT INTO erasure_events VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        cur.execute("INSERT INTO erasure_events VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [workspace.id, subject_request_id, at, orjson.dumps(sorted({t for t, _ in erased})).decode(),
-                     orjson.dumps(plan.digests).decode(), deleted])
+                     orjson.dumps(plan.digests).decode(), deleted, at if queued else None])
         plan.deleted_rows = deleted
 
     batch = WriteBatch(fold_first=True)

@@ -107,4 +107,5 @@ CREATE TABLE hub_values_base (
     (6, "events: arrival order stored", event_journal.arrival_migration()),
     (7, "audiences: definitions, membership history, sizes", audience_schema.MIGRATION_SQL),
     (8, "delivery: connections, state, outbox, attempts", delivery_schema.MIGRATION_SQL),
+    (9, "delivery: erasure removes, forwarded attribute hashes", delivery_schema.ERASURE_AND_ATTRIBUTES_SQL),
 ]

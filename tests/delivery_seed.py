@@ -21,10 +21,13 @@ def seed_delivery(server: LiveServer, workspace_id: str, connection_id: int, mpi
     text = json.dumps(identifiers, sort_keys=True, separators=(",", ":"))
 
     def write(cur: duckdb.DuckDBPyConnection) -> None:
-        cur.execute("INSERT INTO delivery_state VALUES (?, ?, ?, ?, ?)", [workspace_id, connection_id, mpid, text, at])
+        cur.execute("INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms) "
+                    "VALUES (?, ?, ?, ?, ?)", [workspace_id, connection_id, mpid, text, at])
         seq = cur.execute("SELECT coalesce(max(seq), 0) + 1 FROM delivery_outbox WHERE connection_id = ?",
                           [connection_id]).fetchone()[0]
-        cur.execute("INSERT INTO delivery_outbox VALUES (?, ?, ?, ?, 'remove', ?, NULL, ?, 0, ?, NULL)",
+        cur.execute("INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers, attributes, "
+                    "changed_ms, attempts, next_attempt_ms, last_error) "
+                    "VALUES (?, ?, ?, ?, 'remove', ?, NULL, ?, 0, ?, NULL)",
                     [workspace_id, connection_id, seq, mpid, text, at, at])
         cur.execute("INSERT INTO delivery_attempts VALUES (?, ?, ?, 12, 1, 1, 0, 0, 200, NULL, [40])",
                     [workspace_id, connection_id, at])

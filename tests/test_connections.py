@@ -118,7 +118,8 @@ def test_lifecycle_over_http_with_sealed_credentials_and_restart(server: LiveSer
     assert http.get(one, auth=w.auth).status_code == 404
     assert http.delete(one, auth=w.auth).status_code == 404
     # the audience goes with its other connection and what delivery kept for it
-    server.query("INSERT INTO delivery_state VALUES (?, ?, 7, '{}', 1)", w.id, facebook["id"])
+    server.query("INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms) "
+                 "VALUES (?, ?, 7, '{}', 1)", w.id, facebook["id"])
     assert http.delete(f"{w.audiences}/{audience}", auth=w.auth).status_code == 204
     assert server.query("SELECT count(*) FROM delivery_connections") == [(0,)]
     assert server.query("SELECT count(*) FROM delivery_state") == [(0,)]
@@ -289,11 +290,13 @@ def _status_database() -> duckdb.DuckDBPyConnection:
 def test_delivery_status_counts_pending_held_lag_and_errors():
     database = _status_database()
     now = 10 * delivery_schema.DAY_MS
-    database.execute("""INSERT INTO delivery_outbox VALUES
+    database.execute("""INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers,
+                        attributes, changed_ms, attempts, next_attempt_ms, last_error) VALUES
         ('ws', 1, 1, 100, 'add', '{}', NULL, 500, 0, 0, NULL),
         ('ws', 1, 2, 101, 'add', '{}', NULL, 300, 2, 0, 'boom'),
         ('ws', 1, 3, 102, 'remove', '{}', NULL, 400, 0, 0, NULL)""")
-    database.execute("INSERT INTO delivery_state VALUES ('ws', 1, 103, '{}', 1), ('ws', 1, 102, '{}', 1)")
+    database.execute("INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms) "
+                     "VALUES ('ws', 1, 103, '{}', 1), ('ws', 1, 102, '{}', 1)")
     day_ago = now - delivery_schema.DAY_MS
     database.execute("INSERT INTO delivery_attempts VALUES (?, 1, ?, 5, 3, 2, 1, 0, 200, NULL, ?)",
                      ["ws", now - 1000, [10, 30]])

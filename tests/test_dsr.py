@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 import time
 import uuid
@@ -23,9 +24,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 from delivery_seed import seed_delivery
+from fakes.server import FakeServer
 from live_server import IdSyncClient, LiveServer, WorkspaceCredentials
 
 from api.ca_routes import background_idle
+from api.sink_cli import Sink
 
 DAY_MS = 86_400_000
 
@@ -156,9 +159,21 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     audience = seed_audience(server, workspace_id, "shoppers", [int(ann), int(bob)], now - 2000)
     apply_audience(server, workspace_id, audience, [int(bob)], now - 1000)
     apply_audience(server, workspace_id, audience, [int(ann), int(bob)], now)
-    # a destination holds her (Braze external_id as sent) and a change of hers is pending; bob's rows stay
-    seed_delivery(server, workspace_id, 900_001, int(ann), {"external_id": "ann-cust-77", "email": "ann.erased@example.com"})
-    seed_delivery(server, workspace_id, 900_001, int(bob), {"external_id": "bob-cust-1"})
+    # a webhook destination holds her (identifiers as sent) and a change of hers is pending; bob's rows stay. The
+    # connection is inactive until the erasure is checked, so no scheduled flush sends anything before that.
+    printed = io.StringIO()
+    sink = Sink("sink-secret", out=printed)
+    receiver = FakeServer(sink.app()).start()
+    server.app.state.audiences.load(server.service.connection)   # the seeded audience, as a start-up loads it
+    connections = f"/platform/v2/workspaces/{workspace_id}/audiences/{audience}/connections"
+    made = client.http.post(connections, auth=client.auth, json={
+        "output": "webhook", "status": "inactive", "credentials": {"secret": "sink-secret"},
+        "settings": {"identity_types": ["customer_id", "email"], "webhook": {"url": f"{receiver.base_url}/hook"}}})
+    assert made.status_code == 201, made.text
+    connection = made.json()["id"]
+    ann_held = {"customer_id": "ann-cust-77", "email": "ann.erased@example.com", "mpid": str(ann)}
+    seed_delivery(server, workspace_id, connection, int(ann), ann_held)
+    seed_delivery(server, workspace_id, connection, int(bob), {"customer_id": "bob-cust-1", "mpid": str(bob)})
     access = controller.submitted({"email": "ann.erased@example.com"}, "access")
     assert controller.process() == 1 and controller.export(access).status_code == 200
     waiting = controller.submitted({"customer_id": "ann-cust-77"}, "portability", skip_waiting_period=False)
@@ -174,7 +189,14 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert controller.process() == 1
     status = controller.status(erasure)
     assert (status["request_status"], status["results_count"]) == ("completed", 1)
-    assert text_hits(server, needles) == set()
+    # until the destination acknowledges it, one erasure remove per destination holding her is all that names her:
+    # the identifiers held (and her MPID) in delivery_outbox, nothing anywhere else
+    assert text_hits(server, needles) == {("delivery_outbox", str(ann)), ("delivery_outbox", "ann-cust-77"),
+                                          ("delivery_outbox", "ann.erased@example.com")}
+    [(op, ids, erasure_row, attempts)] = server.query(
+        "SELECT op, identifiers, erasure, attempts FROM delivery_outbox WHERE mpid = ?", int(ann))
+    assert (op, orjson.loads(ids), erasure_row, attempts) == ("remove", ann_held, True, 0)
+    assert server.query("SELECT count(*) FROM delivery_state WHERE mpid = ?", int(ann)) == [(0,)]
 
     # everyone else is intact: bob entirely, and ann's anonymous profile with its own events and device id
     assert server.query("SELECT identity_type, raw_value FROM identities WHERE mpid = ? ORDER BY 1", int(bob)) == [
@@ -188,6 +210,16 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
         (audience, now - 2000)]
     assert server.query("SELECT (SELECT count(*) FROM delivery_state WHERE mpid = $1), "
                         "(SELECT count(*) FROM delivery_outbox WHERE mpid = $1)", int(bob)) == [(1, 1)]
+    # the normal flush sends the remove; once acknowledged nothing anywhere names her
+    assert client.http.put(f"{connections}/{connection}", auth=client.auth,
+                           json={"status": "active"}).status_code == 200
+    try:
+        on_server(server, server.app.state.delivery.run_once())
+    finally:
+        receiver.stop()
+    removed = [line for line in printed.getvalue().splitlines() if line.startswith(f"- shoppers: mpid {ann} ")]
+    assert removed == [f"- shoppers: mpid {ann} (customer_id=ann-cust-77, email=ann.erased@example.com) -> 0 members"]
+    assert text_hits(server, needles) == set()
     assert server.query("SELECT change, value, reason FROM identity_changes WHERE mpid = ? AND change = 'skip'",
                         int(bob)) == [("skip", None, "unique value held by profile (erased)")]
     assert server.query("SELECT identity_type, value FROM identities WHERE mpid = ?", int(anonymous)) == [
@@ -199,10 +231,11 @@ def test_erasure_leaves_no_trace_in_any_table_or_view_and_keeps_everyone_else(se
     assert controller.process(now_ms() + 8 * DAY_MS) == 1
     assert controller.status(waiting)["results_count"] == 0
     assert orjson.loads(controller.export(waiting).content)["profile"] is None
-    # the hook for destinations: one erasure event, types and tombstone hashes only
-    [(types, hashes, forwarded)] = server.query("SELECT identity_types, identity_hashes, forwarded_ms FROM erasure_events")
+    # the erasure's record: types and tombstone hashes only, and when removes were queued
+    [(types, hashes, erased, forwarded)] = server.query(
+        "SELECT identity_types, identity_hashes, erased_ms, forwarded_ms FROM erasure_events")
     assert orjson.loads(types) == ["customerid", "email", "mobile_number"] and len(orjson.loads(hashes)) == 3
-    assert forwarded is None
+    assert forwarded == erased
 
 
 def test_erasing_an_alias_source_by_mpid_removes_the_copies_of_its_events(server: LiveServer, workspace):
