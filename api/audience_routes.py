@@ -17,13 +17,14 @@ from starlette.responses import Response
 
 from api.auth import admin_or_own_workspace, check_admin
 from api.body import body_schema
+from api.connection_routes import delete_connections
 from api.models import AudienceBody, AudiencePreviewBody
 from api.responses import json_response, service_of
 from audiences.definitions import parse_criteria
 from audiences.membership import audience_stats, forget_audience, size_history
 from audiences.registry import Audience, AudienceRegistry
 from audiences.size_chart import size_chart_svg
-from audiences.upkeep import AudienceUpkeep, lock_held, members_preview
+from audiences.upkeep import AudienceUpkeep, members_preview
 from engine.errors import BadRequest, Unauthorized
 from engine.store import now_ms
 
@@ -162,8 +163,9 @@ async def update_audience(request: Request, workspace_id: str, audience_id: str)
 
 @router.delete(f"{WORKSPACE}/{{audience_id}}", status_code=204)
 async def delete_audience(request: Request, workspace_id: str, audience_id: str) -> Response:
-    """204; the memberships, size history and connections (with what delivery kept for them) go with it. 409
-    while another audience's criteria read it."""
+    """204; the memberships, size history and connections (with what delivery kept for them) go with it, and the
+    Facebook custom audiences of connections with `delete_on_audience_delete` (Braze attributes stay). 409 while
+    another audience's criteria read it."""
     workspace = await admin_or_own_workspace(request, workspace_id)
     number = _audience_id(audience_id)
     async with request.app.state.audience_changes:
@@ -171,11 +173,11 @@ async def delete_audience(request: Request, workspace_id: str, audience_id: str)
         batch.statements.append(lambda cur: forget_audience(cur, workspace.id, number))
         connection_ids, connections_gone = request.app.state.connections.plan_delete_audience(workspace.id, number)
         batch.extend(connections_gone)
-        # an evaluation running for it writes the same membership rows in its own transaction: wait for it
-        async with lock_held(upkeep_of(request).status_of(number).lock):
-            await service_of(request).commit(batch)
-            registry_of(request).remember(None, forget_id=number)
-            request.app.state.connections.remember(None, forget_ids=connection_ids)
+        # an evaluation running for it writes the same membership rows in its own transaction: wait for it; the
+        # connections' flushes stop and their locks are held too (api/connection_routes.delete_connections)
+        await delete_connections(request, list(connection_ids), batch, held=upkeep_of(request).status_of(number).lock,
+                                 then=lambda: registry_of(request).remember(None, forget_id=number))
+    await request.app.state.delivery.forget(connection_ids)
     upkeep_of(request).forget(number)
     return Response(status_code=204)
 

@@ -7,11 +7,15 @@ delivery status (the `delivery_status` view's row: pending changes, last success
 
 Changes take the audiences' lock (`app.state.audience_changes`): a connection is never created for an audience
 that a concurrent delete is removing, and deleting the audience takes its connections in the same transaction.
+Deleting a connection stops its flushes and commits under its delivery lock (`delete_connections`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import orjson
@@ -23,8 +27,11 @@ from api.body import body_schema
 from api.models import ConnectionBody
 from api.responses import json_response, service_of
 from audiences.connections import Connection, ConnectionRegistry
+from audiences.delivery import DeliveryService
 from audiences.registry import AudienceRegistry
+from audiences.upkeep import lock_held
 from engine.errors import BadRequest
+from engine.writer import WriteBatch
 
 router = APIRouter(prefix="/platform/v2", tags=["Audience connections"])
 CONNECTIONS = "/workspaces/{workspace_id}/audiences/{audience_id}/connections"
@@ -133,13 +140,40 @@ async def update_connection(request: Request, workspace_id: str, audience_id: st
 
 @router.delete(CONNECTION, status_code=204)
 async def delete_connection(request: Request, workspace_id: str, audience_id: str, connection_id: str) -> Response:
-    """204; what delivery kept for the connection (state, pending changes, attempts) goes with it. The
-    destination keeps what it was sent."""
+    """204; what delivery kept for the connection (state, pending changes, attempts) goes with it. A Facebook
+    connection with `delete_on_audience_delete` deletes its custom audiences; other destinations keep what they
+    were sent (Braze attributes stay)."""
     workspace = await admin_or_own_workspace(request, workspace_id)
     number, connection = _number(audience_id, "audience_id"), _number(connection_id, "connection_id")
+    delivery = delivery_of(request)
     async with request.app.state.audience_changes:
         audience = _audiences(request).get(workspace.id, number)
         batch = connections_of(request).plan_delete(workspace.id, audience.id, connection)
-        await service_of(request).commit(batch)
-        connections_of(request).remember(None, forget_ids=(connection,))
+        await delete_connections(request, [connection], batch)
+    await delivery.forget([connection])
     return Response(status_code=204)
+
+
+def delivery_of(request: Request) -> DeliveryService:
+    return request.app.state.delivery
+
+
+async def delete_connections(request: Request, connection_ids: list[int], batch: WriteBatch,
+                             held: threading.Lock | None = None, then: Callable[[], None] | None = None) -> None:
+    """Commit `batch`, which deletes these connections and their delivery rows, then delete what they created
+    downstream. Their flushes stop first, and the commit holds their delivery locks (and `held`, when given), so
+    it never meets a diff's or acknowledgement's rewrite of the same rows; `then` runs after the commit, inside
+    the locks. The caller holds audience_changes."""
+    delivery = delivery_of(request)
+    async with delivery.paused(connection_ids):
+        # read after the flushes stopped: what the destination created is recorded by then
+        gone = [c for cid in connection_ids if (c := connections_of(request).find(cid)) is not None]
+        async with AsyncExitStack() as stack:
+            if held is not None:
+                await stack.enter_async_context(lock_held(held))
+            await stack.enter_async_context(delivery.locks_held(connection_ids))
+            await service_of(request).commit(batch)
+            if then is not None:
+                then()
+            connections_of(request).remember(None, forget_ids=tuple(connection_ids))
+        await delivery.delete_downstream(gone)

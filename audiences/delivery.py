@@ -24,8 +24,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from audiences.outputs.base import (
     seconds_from_env,
 )
 from audiences.registry import AudienceRegistry
+from audiences.upkeep import lock_held
 from engine.ca_registry import CalculatedAttributeRegistry
 from engine.computation_gate import ComputationGate
 from engine.errors import NotFound
@@ -161,6 +163,7 @@ class DeliveryService:
         self._tick_diff: asyncio.Task[None] | None = None   # a tick's diff of new or changed connections
         self._diffed: dict[int, int] = {}       # connection id -> updated_ms of its last diff in this process
         self._diff_running = threading.Lock()   # one diff pass at a time: a later pass never writes older wants
+        self._paused: Counter[int] = Counter()  # connections neither diffed nor flushed (deletion, full resync)
         self._closed = False
 
     # --- diff (worker threads) ---------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ class DeliveryService:
         if self._closed:
             return started
         for connection in self.connections.active():
+            if self._paused[connection.id]:
+                continue
             running = self.flushing.get(connection.id)
             if running is not None and not running.done():
                 continue   # a slow destination: its own task is still at it, the others go on
@@ -464,7 +469,68 @@ class DeliveryService:
     def _active(self, connection_ids: Iterable[int] | None) -> list[Connection]:
         wanted = None if connection_ids is None else set(connection_ids)
         return [c for c in self.connections.active()
-                if (wanted is None or c.id in wanted) and self.audiences.find(c.audience_id) is not None]
+                if (wanted is None or c.id in wanted) and not self._paused[c.id]
+                and self.audiences.find(c.audience_id) is not None]
+
+    # --- deletion and pauses (event loop) ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def paused(self, connection_ids: Iterable[int]) -> AsyncIterator[None]:
+        """Neither diff nor flush these connections inside the block: a running flush is cancelled first (what it
+        sent without an acknowledgement is sent again later; an acknowledgement already in its worker thread still
+        commits, which is why deleters also take `locks_held`). For deletions and full resyncs."""
+        ids = sorted(set(connection_ids))
+        self._paused.update(ids)
+        try:
+            running = [t for cid in ids if (t := self.flushing.get(cid)) is not None and not t.done()]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            yield
+        finally:
+            self._paused.subtract(ids)
+            for cid in ids:
+                if self._paused[cid] <= 0:
+                    del self._paused[cid]
+
+    @asynccontextmanager
+    async def locks_held(self, connection_ids: Iterable[int]) -> AsyncIterator[None]:
+        """Hold these connections' locks (in id order) from the event loop, around a commit that deletes or
+        rewrites their delivery rows in another transaction than the diff's and acknowledgement's own."""
+        async with AsyncExitStack() as stack:
+            for cid in sorted(set(connection_ids)):
+                await stack.enter_async_context(lock_held(self.lock(cid)))
+            yield
+
+    async def delete_downstream(self, connections: Iterable[Connection]) -> None:
+        """What a deleted connection created at its destination goes too, where the output does that: Facebook
+        custom audiences, with `delete_on_audience_delete` (audiences/outputs/facebook.py). Braze attributes stay;
+        webhooks and Kafka have nothing to delete. Failures are logged, never raised: the deletion goes on."""
+        loop = asyncio.get_running_loop()
+        for connection in connections:
+            if connection.output != "facebook":
+                continue
+            built = self._built.get(connection.id)
+            try:
+                # the built output knows audiences it created whose record is not saved yet
+                if built is not None and built.loop is loop and hasattr(built.output, "delete_downstream"):
+                    result = await built.output.delete_downstream(connection)
+                else:
+                    from audiences.outputs.facebook import delete_downstream
+                    result = await delete_downstream(connection)
+            except Exception as exc:  # noqa: BLE001 - the idmesh side is deleted already
+                log.error("connection %s: deleting its Facebook audiences failed: %r", connection.id, exc)
+                continue
+            if result.deleted:
+                log.info("connection %s: Facebook custom audiences %s deleted", connection.id, result.deleted)
+
+    async def forget(self, connection_ids: Iterable[int]) -> None:
+        """Deleted connections: close their outputs and drop what this process kept for them."""
+        loop = asyncio.get_running_loop()
+        for cid in connection_ids:
+            built = self._built.pop(cid, None)
+            self._diffed.pop(cid, None)
+            if built is not None and built.loop is loop:
+                await _close(built.output)
 
 
 async def _close(output: Output) -> None:

@@ -5,16 +5,20 @@ the analyst views and the delivery_status view."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import duckdb
 import pytest
 from cryptography.exceptions import InvalidTag
+from fakes import FakeFacebook
 from live_server import ADMIN_TOKEN, IdSyncClient, LiveServer
 
+from api.ca_routes import background_idle
 from audiences.connections import (
     BRAZE_SEGMENT_MODES,
     ConnectionRegistry,
@@ -334,3 +338,49 @@ def test_http_client_never_sees_a_credential_in_an_error(workspace: Workspace):
     response = w.http.post(w.base(audience), json={**BRAZE, "credentials": {"api_key": BRAZE_KEY, "x": "y"}},
                            auth=w.auth)
     assert response.status_code == 400 and BRAZE_KEY not in response.text
+
+
+def _on_server(server: LiveServer, coroutine: Any) -> Any:
+    return asyncio.run_coroutine_threadsafe(coroutine, server.loop).result(timeout=60)
+
+
+def test_deleting_a_connection_or_its_audience_waits_for_delivery_and_deletes_facebook_audiences(
+        server: LiveServer, idsync: Callable[..., IdSyncClient]):
+    client = idsync()
+    w = Workspace(server, client)
+    for n in range(3):
+        client.identify({"email": f"member{n}@example.com"})
+    kept, dropped = w.audience("kept"), w.audience("dropped")
+    with FakeFacebook(access_tokens={FB_TOKEN}) as fake:
+        def facebook(**options: Any) -> dict[str, Any]:
+            return {"output": "facebook", "credentials": {"access_token": FB_TOKEN},
+                    "settings": {"base_url": fake.base_url, "identity_types": ["email"],
+                                 "facebook": {"ad_account_id": "act_1234", **options}}}
+        single = w.create(kept, facebook())["id"]
+        stays = w.create(kept, facebook(delete_on_audience_delete=False))["id"]
+        with_audience = w.create(dropped, facebook())["id"]
+        _on_server(server, background_idle(server.app.state.background_tasks))
+        _on_server(server, server.app.state.delivery.run_once())
+        remote = {cid: server.app.state.connections.find(cid).remote["audiences"]["EMAIL_SHA256"]["id"]
+                  for cid in (single, stays, with_audience)}
+        assert all(len(fake.members(audience_id)) == 3 for audience_id in remote.values())
+
+        # a diff or acknowledgement holding the connection's lock: the delete waits for it, then goes through
+        lock = server.app.state.delivery.lock(single)
+        lock.acquire()
+        answers: list[int] = []
+        deleting = threading.Thread(target=lambda: answers.append(
+            w.http.delete(f"{w.base(kept)}/{single}", auth=w.auth).status_code))
+        deleting.start()
+        deleting.join(timeout=1.0)
+        assert deleting.is_alive() and server.query("SELECT count(*) FROM connections WHERE id = ?", single) == [(1,)]
+        lock.release()
+        deleting.join(timeout=30)
+        assert answers == [204]
+        assert set(fake.audiences()) == {remote[stays], remote[with_audience]}   # deleted downstream
+
+        assert w.http.delete(f"{w.audiences}/{dropped}", auth=w.auth).status_code == 204
+        assert set(fake.audiences()) == {remote[stays]}
+        assert w.http.delete(f"{w.audiences}/{kept}", auth=w.auth).status_code == 204
+        assert set(fake.audiences()) == {remote[stays]}   # delete_on_audience_delete: false keeps it
+        assert server.query("SELECT count(*) FROM delivery_state") == [(0,)]
