@@ -508,7 +508,7 @@ def listed(result: dict[int, pl.Series]) -> dict[int, list[int]]:
 
 # --- properties --------------------------------------------------------------------------------------------------
 
-PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
