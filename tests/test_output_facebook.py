@@ -645,6 +645,31 @@ def test_transport_errors_and_5xx_are_retried(env: Env, fake: FakeFacebook):
     run(go())
 
 
+def test_a_failed_request_does_not_hold_back_the_others_of_the_call(env: Env, fake: FakeFacebook):
+    """Rows of different requests are independent: a 5xx, a reset or a timeout retries that request's rows, and
+    the call's other requests still go out, so rows later in a call are not left unsent (yet counted as attempted,
+    their backoff growing) whenever an earlier request meets a passing failure. Throttling still stops the call."""
+    connection = env.connection(fake, {"batch_size": 2}, identity_types=["email"])
+    ids = {m: {"EMAIL": sha(f"r{m}@x.io")} for m in range(1, 9)}   # four requests of two rows
+    fake.faults.configure(match=r"/users$", delay_seconds=0.0)
+
+    async def go() -> list[list]:
+        output = FacebookOutput(connection, AUDIENCE)
+        try:
+            answers = []
+            for fault in (Fault.SERVER_ERROR, Fault.RESET, Fault.THROTTLE):
+                fake.faults.force(None, fault)
+                answers.append(await output.deliver(connection, adds(ids)))
+            return answers
+        finally:
+            await output.aclose()
+
+    server_error, reset, throttle = [[type(o).__name__ for o in outcomes] for outcomes in run(go())]
+    assert server_error == reset == ["Acknowledged"] * 2 + ["RetryLater"] * 2 + ["Acknowledged"] * 4
+    assert throttle == ["Acknowledged"] * 2 + ["RetryLater"] * 6
+    assert [len(r.json()["payload"]["data"]) for r in requests(fake, "POST", "/users")] == [2] * 10
+
+
 def test_usage_header_and_error_classification():
     def answer(status: int, body: dict, headers: dict | None = None) -> httpx.Response:
         return httpx.Response(status, json=body, headers=headers or {})
