@@ -157,7 +157,9 @@ class RetryPolicy:
         return ceiling * (1.0 - self.jitter * (rng or random).random())
 
 
-DEFAULT_RETRY = RetryPolicy()
+# IDMESH_DELIVERY_RETRY_MAX_SECONDS caps the backoff (default 600 s; a wait the destination asks for is still
+# honoured in full)
+DEFAULT_RETRY = RetryPolicy(max_seconds=seconds_from_env("IDMESH_DELIVERY_RETRY_MAX_SECONDS", 600.0))
 
 
 def retry_delay(attempts: int, after_seconds: float | None, policy: RetryPolicy = DEFAULT_RETRY,
