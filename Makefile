@@ -44,3 +44,7 @@ bench-calculated: install
 .PHONY: bench-audiences
 bench-audiences: install
 	$(BIN)/python bench/audiences.py
+
+.PHONY: bench-delivery
+bench-delivery: install
+	$(BIN)/python bench/delivery.py
