@@ -8,7 +8,8 @@ membership diff of that audience.
 
 What runs where. The fakes (tests/fakes: FakeBraze, FakeFacebook, no faults) run in a child process, so they do
 not share this process's GIL; this process is idmesh's side: a real DuckDB file, the outbox
-(audiences/outbox.py) and `DeliveryService.flush_connection` with the real outputs, as `idmesh serve` runs them.
+(audiences/outbox.py) and `DeliveryService.flush_connection` with the real outputs, as `idmesh serve` runs them
+(except that Facebook keeps the ids of the audiences it creates in memory only: nothing restarts here).
 The fakes count the objects (Braze) and rows (Facebook) of every upload request before answering it.
 
 The data, written in SQL: `members` profiles with a customer id each, an email for 90% of them (mixed case, so
