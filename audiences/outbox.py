@@ -118,22 +118,56 @@ def consented_members(cursor: duckdb.DuckDBPyConnection, connection: Connection,
 
 def wanted_identifiers(cursor: duckdb.DuckDBPyConnection, connection: Connection, scope: str,
                        members: pl.Series) -> pl.DataFrame:
-    """What the destination should hold: (mpid, identifiers) of the members that pass consent and sampling and
-    hold at least one identifier the output accepts (audiences/fanout.py builds them, canonical JSON text).
-    `scope` is the workspace's identity scope."""
-    return fanout.members_identifiers(cursor, connection, scope, consented_members(cursor, connection, members))
+    """What the destination should hold: (mpid, identifiers, attributes, attributes_hash) of the members that pass
+    consent and sampling and hold at least one identifier the output accepts (audiences/fanout.py builds them,
+    canonical JSON text), with the connection's forwarded attributes as they are now (`forwarded_attributes`;
+    nulls when it forwards none). `scope` is the workspace's identity scope."""
+    wanted = fanout.members_identifiers(cursor, connection, scope, consented_members(cursor, connection, members))
+    return wanted.join(forwarded_attributes(cursor, connection, wanted["mpid"]), on="mpid", how="left")
+
+
+def forwarded_attributes(cursor: duckdb.DuckDBPyConnection, connection: Connection,
+                         mpids: pl.Series) -> pl.DataFrame:
+    """(mpid, attributes, attributes_hash) of these profiles: the connection's forwarded attributes as JSON text
+    (user attributes by name, calculated attributes by their name; a calculated attribute named like a forwarded
+    user attribute wins: it is the one the connection names by id), keys sorted, and its md5, which
+    delivery_state keeps of what an acknowledged add carried. Profiles holding none of them are absent."""
+    schema = {"mpid": pl.Int64, "attributes": pl.String, "attributes_hash": pl.String}
+    if not (connection.user_attributes or connection.calculated_attributes) or mpids.is_empty():
+        return pl.DataFrame(schema=schema)
+    with _registered(cursor, "outbox_attribute_mpids", mpids.cast(pl.Int64).rename("mpid").to_frame()):
+        table = cursor.sql("""
+            SELECT mpid, attributes, md5(attributes) AS attributes_hash
+            FROM (SELECT mpid, to_json(map_from_entries(list((name, value) ORDER BY name)))::VARCHAR AS attributes
+                  FROM (SELECT mpid, name, arg_max(value, source) AS value FROM (
+                          SELECT u.mpid, u.name, u.value, 0 AS source FROM user_attributes u
+                          WHERE u.workspace_id = $workspace AND list_contains($user, u.name)
+                            AND u.mpid IN (SELECT mpid FROM outbox_attribute_mpids)
+                          UNION ALL
+                          SELECT v.mpid, c.name, v.value, 1 AS source FROM calculated_attribute_values v
+                          JOIN calculated_attributes c ON c.id = v.ca_id AND c.workspace_id = v.workspace_id
+                          WHERE v.workspace_id = $workspace AND list_contains($calculated, v.ca_id)
+                            AND v.mpid IN (SELECT mpid FROM outbox_attribute_mpids))
+                        GROUP BY mpid, name)
+                  GROUP BY mpid)""",
+                           params={"workspace": connection.workspace_id, "user": list(connection.user_attributes),
+                                   "calculated": list(connection.calculated_attributes)}).to_arrow_table()
+    return pl.from_arrow(table).cast(schema)
 
 
 # --- the diff -----------------------------------------------------------------------------------------------------
 
 def diff_connection(cursor: duckdb.DuckDBPyConnection, connection: Connection, wanted: pl.DataFrame,
-                    at_ms: int) -> DiffResult:
-    """Queue what it takes for the destination to hold `wanted`: a frame of (mpid Int64, identifiers String),
-    one row per profile, identifiers the canonical JSON object audiences/fanout.py made (a profile without an
-    identifier the output accepts is not in it). Adds carry the connection's forwarded attributes as they are now.
+                    at_ms: int, resend: bool = False) -> DiffResult:
+    """Queue what it takes for the destination to hold `wanted`: a frame of (mpid Int64, identifiers String,
+    attributes String, attributes_hash String; the last two optional, as `wanted_identifiers` makes them), one row
+    per profile, identifiers the canonical JSON object audiences/fanout.py made (a profile without an identifier
+    the output accepts is not in it). Adds carry the forwarded attributes given.
 
-    For each profile: wanted and not held, or held with other identifiers -> add; held and not wanted -> remove
-    (naming the held identifiers); otherwise nothing. A pending row that already says the same stays as it is
+    For each profile: wanted and not held, or held with other identifiers or other forwarded attributes (the
+    state's attributes_hash) -> add; held and not wanted -> remove (naming the held identifiers); otherwise
+    nothing. `resend` (a full re-send): every wanted profile gets an add, held or not. A pending row that already
+    says the same stays as it is
     (its seq, changed_ms and retry state with it); one that says something else is replaced; one that is no longer
     needed is deleted.
 
@@ -143,29 +177,35 @@ def diff_connection(cursor: duckdb.DuckDBPyConnection, connection: Connection, w
     an unwanted one a remove (naming what the pending add named) even if the state says not held. The row that
     replaces it stays "possibly sent" (keeps the attempts, due at once) until an acknowledgement settles it."""
     params = {"connection": connection.id}
-    wanted = wanted.select(pl.col("mpid").cast(pl.Int64), pl.col("identifiers").cast(pl.String).alias("w_ids"))
+    wanted = wanted.select(
+        pl.col("mpid").cast(pl.Int64), pl.col("identifiers").cast(pl.String).alias("w_ids"),
+        *(pl.col(name).cast(pl.String).alias(alias) if name in wanted.columns else pl.lit(None, pl.String).alias(alias)
+          for name, alias in (("attributes", "w_attrs"), ("attributes_hash", "w_hash"))))
     pending = pl.from_arrow(cursor.sql(
-        "SELECT rowid AS row, mpid, op AS p_op, identifiers::VARCHAR AS p_ids, changed_ms AS p_changed, "
-        "attempts AS p_attempts FROM delivery_outbox WHERE connection_id = $connection AND NOT erasure",
-        params=params
+        "SELECT rowid AS row, mpid, op AS p_op, identifiers::VARCHAR AS p_ids, attributes::VARCHAR AS p_attrs, "
+        "changed_ms AS p_changed, attempts AS p_attempts FROM delivery_outbox "
+        "WHERE connection_id = $connection AND NOT erasure", params=params
     ).to_arrow_table())
     pending = pending.cast({"row": pl.Int64, "mpid": pl.Int64, "p_op": pl.String, "p_ids": pl.String,
-                            "p_changed": pl.Int64, "p_attempts": pl.Int32})
-    looked_at, held = _looked_at(cursor, connection.id, wanted, pending["mpid"])
+                            "p_attrs": pl.String, "p_changed": pl.Int64, "p_attempts": pl.Int32})
+    looked_at, held = _looked_at(cursor, connection.id, wanted, pending["mpid"], resend)
     compared = looked_at.join(pending, on="mpid", how="left")
     unsure = pl.col("p_attempts").fill_null(0) > 0
     wanted_now, held_now = pl.col("w_ids").is_not_null(), pl.col("h_ids").is_not_null()
-    op = (pl.when(wanted_now & (unsure | ~held_now | (pl.col("h_ids") != pl.col("w_ids")))).then(pl.lit("add"))
+    held_other = (pl.col("h_ids") != pl.col("w_ids")) | ~pl.col("h_hash").eq_missing(pl.col("w_hash"))
+    op = (pl.when(wanted_now & (unsure | ~held_now | held_other | pl.lit(resend))).then(pl.lit("add"))
           .when(~wanted_now & (unsure | held_now)).then(pl.lit("remove"))
           .otherwise(pl.lit(None, pl.String)))
     ids = (pl.when(pl.col("op") == "add").then(pl.col("w_ids"))
            .when(unsure & (pl.col("p_op") == "add")).then(pl.col("p_ids"))
            .otherwise(pl.coalesce("h_ids", "p_ids")))
-    compared = compared.with_columns(op=op).with_columns(ids=pl.when(pl.col("op").is_not_null()).then(ids))
-    same = ((pl.col("op") == pl.col("p_op")) & (pl.col("ids") == pl.col("p_ids"))).fill_null(False)
+    compared = compared.with_columns(op=op).with_columns(ids=pl.when(pl.col("op").is_not_null()).then(ids),
+                                                         attrs=pl.when(pl.col("op") == "add").then(pl.col("w_attrs")))
+    same = ((pl.col("op") == pl.col("p_op")) & (pl.col("ids") == pl.col("p_ids"))
+            & pl.col("attrs").eq_missing(pl.col("p_attrs"))).fill_null(False)
     dropped = compared.filter(pl.col("row").is_not_null() & (pl.col("op").is_null() | ~same))
     queued = compared.filter(pl.col("op").is_not_null() & (pl.col("row").is_null() | ~same)).select(
-        "mpid", "op", "ids",
+        "mpid", "op", "ids", "attrs",
         # a replacement of the same op keeps the change time of the row it replaces: the change it serves is older
         pl.when(pl.col("op") == pl.col("p_op")).then(pl.col("p_changed")).otherwise(pl.lit(at_ms))
         .fill_null(at_ms).alias("changed_ms"),
@@ -178,10 +218,10 @@ def diff_connection(cursor: duckdb.DuckDBPyConnection, connection: Connection, w
 
 
 def _looked_at(cursor: duckdb.DuckDBPyConnection, connection_id: int, wanted: pl.DataFrame,
-               pending: pl.Series) -> tuple[pl.DataFrame, int]:
-    """(mpid, w_ids, h_ids) of the profiles the diff must look at: wanted but not held, held but not wanted, held
-    with other identifiers, and every one with a pending row (w_ids / h_ids null where not wanted / not held); and
-    how many profiles are held.
+               pending: pl.Series, every_wanted: bool = False) -> tuple[pl.DataFrame, int]:
+    """(mpid, w_ids, w_attrs, w_hash, h_ids, h_hash) of the profiles the diff must look at: wanted but not held,
+    held but not wanted, held with other identifiers or attributes, every one with a pending row (and every wanted
+    one with `every_wanted`); w_* / h_* null where not wanted / not held. And how many profiles are held.
 
     Most profiles are wanted and held alike, so they are compared without moving their texts: DuckDB hashes both
     sides (64 bits, in this process), MPIDs match exactly and the two sorted common runs are compared element by
@@ -189,10 +229,12 @@ def _looked_at(cursor: duckdb.DuckDBPyConnection, connection_id: int, wanted: pl
     against ~0.9 s for reading every held text and a full join of the texts (2 shared cores). Two different
     identifier sets of one profile hashing alike (about 1 in 10^19) would leave that change unsent until the next."""
     params = {"connection": connection_id}
-    with _registered(cursor, "outbox_wanted", wanted):
-        hashed_wanted = pl.from_arrow(cursor.sql("SELECT mpid, hash(w_ids) AS h FROM outbox_wanted").to_arrow_table())
-    hashed_held = pl.from_arrow(cursor.sql("SELECT mpid, hash(identifiers::VARCHAR) AS h FROM delivery_state "
-                                           "WHERE connection_id = $connection", params=params).to_arrow_table())
+    with _registered(cursor, "outbox_wanted", wanted.select("mpid", "w_ids", "w_hash")):
+        hashed_wanted = pl.from_arrow(cursor.sql("SELECT mpid, hash(w_ids, w_hash) AS h FROM outbox_wanted"
+                                                 ).to_arrow_table())
+    hashed_held = pl.from_arrow(cursor.sql("SELECT mpid, hash(identifiers::VARCHAR, attributes_hash) AS h "
+                                           "FROM delivery_state WHERE connection_id = $connection",
+                                           params=params).to_arrow_table())
     hashed_wanted, hashed_held = hashed_wanted.cast({"mpid": pl.Int64}), hashed_held.cast({"mpid": pl.Int64})
     is_held = hashed_wanted["mpid"].is_in(hashed_held["mpid"].implode())
     is_wanted = hashed_held["mpid"].is_in(hashed_wanted["mpid"].implode())
@@ -201,15 +243,16 @@ def _looked_at(cursor: duckdb.DuckDBPyConnection, connection_id: int, wanted: pl
     if common_wanted.height != common_held.height:
         raise ValueError("wanted must hold each mpid once")
     changed = common_wanted.filter(common_wanted["h"] != common_held["h"])["mpid"]
-    look = pl.concat([hashed_wanted.filter(~is_held)["mpid"], hashed_held.filter(~is_wanted)["mpid"], changed,
-                      pending.cast(pl.Int64)]).unique().to_frame("mpid")
+    look = pl.concat([hashed_wanted["mpid"] if every_wanted else hashed_wanted.filter(~is_held)["mpid"],
+                      hashed_held.filter(~is_wanted)["mpid"], changed, pending.cast(pl.Int64)]).unique().to_frame("mpid")
     with _registered(cursor, "outbox_looked_at", look):
-        held_ids = pl.from_arrow(cursor.sql("SELECT mpid, identifiers::VARCHAR AS h_ids FROM delivery_state "
-                                            "WHERE connection_id = $connection "
+        held_ids = pl.from_arrow(cursor.sql("SELECT mpid, identifiers::VARCHAR AS h_ids, attributes_hash AS h_hash "
+                                            "FROM delivery_state WHERE connection_id = $connection "
                                             "AND mpid IN (SELECT mpid FROM outbox_looked_at)",
                                             params=params).to_arrow_table())
+    held_ids = held_ids.cast({"mpid": pl.Int64, "h_ids": pl.String, "h_hash": pl.String})
     looked_at = (look.join(wanted.join(look, on="mpid", how="semi"), on="mpid", how="left")
-                 .join(held_ids.cast({"mpid": pl.Int64, "h_ids": pl.String}), on="mpid", how="left"))
+                 .join(held_ids, on="mpid", how="left"))
     return looked_at, hashed_held.height
 
 
@@ -227,15 +270,13 @@ def _insert_rows(cursor: duckdb.DuckDBPyConnection, connection: Connection, queu
         return
     first = _next_seq(cursor, connection.id, at_ms)
     rows = queued.sort("mpid").with_row_index("place").select(
-        (pl.col("place").cast(pl.Int64) + first).alias("seq"), "mpid", "op", "ids", "changed_ms", "attempts")
+        (pl.col("place").cast(pl.Int64) + first).alias("seq"), "mpid", "op", "ids", "attrs", "changed_ms", "attempts")
     with _registered(cursor, "outbox_queued_rows", rows):
         cursor.execute("""INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers,
                                                        attributes, changed_ms, attempts, next_attempt_ms, last_error)
-                          SELECT $workspace, $connection, seq, mpid, op, ids, NULL, changed_ms, attempts, $at, NULL
+                          SELECT $workspace, $connection, seq, mpid, op, ids, attrs, changed_ms, attempts, $at, NULL
                           FROM outbox_queued_rows""",
                        {"workspace": connection.workspace_id, "connection": connection.id, "at": at_ms}).fetchall()
-    if connection.user_attributes or connection.calculated_attributes:
-        _attach_attributes(cursor, connection, first)
 
 
 def _next_seq(cursor: duckdb.DuckDBPyConnection, connection_id: int, at_ms: int) -> int:
@@ -245,33 +286,6 @@ def _next_seq(cursor: duckdb.DuckDBPyConnection, connection_id: int, at_ms: int)
     highest = cursor.execute("SELECT max(seq) FROM delivery_outbox WHERE connection_id = ?",
                              [connection_id]).fetchall()[0][0]
     return max(at_ms << _SEQ_SHIFT, (highest or 0) + 1)
-
-
-def _attach_attributes(cursor: duckdb.DuckDBPyConnection, connection: Connection, first_seq: int) -> None:
-    """The forwarded attributes of the adds just queued (seq >= first_seq), as they are now: user attributes by
-    name, calculated attributes by their name (a calculated attribute named like a forwarded user attribute
-    wins: it is the one the connection names by id). Set in SQL over the new rows only."""
-    cursor.execute("""
-        UPDATE delivery_outbox SET attributes = a.attributes
-        FROM (SELECT mpid, to_json(map_from_entries(list((name, value) ORDER BY name)))::VARCHAR AS attributes
-              FROM (SELECT mpid, name, arg_max(value, source) AS value FROM (
-                      SELECT u.mpid, u.name, u.value, 0 AS source FROM user_attributes u
-                      WHERE u.workspace_id = $workspace AND list_contains($user, u.name)
-                        AND u.mpid IN (SELECT mpid FROM delivery_outbox
-                                       WHERE connection_id = $connection AND seq >= $first AND op = 'add')
-                      UNION ALL
-                      SELECT v.mpid, c.name, v.value, 1 AS source FROM calculated_attribute_values v
-                      JOIN calculated_attributes c ON c.id = v.ca_id AND c.workspace_id = v.workspace_id
-                      WHERE v.workspace_id = $workspace AND list_contains($calculated, v.ca_id)
-                        AND v.mpid IN (SELECT mpid FROM delivery_outbox
-                                       WHERE connection_id = $connection AND seq >= $first AND op = 'add'))
-                    GROUP BY mpid, name)
-              GROUP BY mpid) a
-        WHERE delivery_outbox.connection_id = $connection AND delivery_outbox.seq >= $first
-          AND delivery_outbox.op = 'add' AND delivery_outbox.mpid = a.mpid""",
-                   {"workspace": connection.workspace_id, "connection": connection.id, "first": first_seq,
-                    "user": list(connection.user_attributes),
-                    "calculated": list(connection.calculated_attributes)}).fetchall()
 
 
 def unpark(cursor: duckdb.DuckDBPyConnection, connection_id: int, changed_ms: int, at_ms: int) -> int:
@@ -372,9 +386,11 @@ def acknowledge(cursor: duckdb.DuckDBPyConnection, connection: Connection, delta
         "seq": [d.seq for d in deltas], "mpid": [d.mpid for d in deltas], "op": [d.op for d in deltas],
         "ids": [orjson.dumps(d.identifiers, option=orjson.OPT_SORT_KEYS).decode() if d.identifiers else "{}"
                 for d in deltas],
+        "attrs": [orjson.dumps(d.attributes, option=orjson.OPT_SORT_KEYS).decode() if d.attributes else None
+                  for d in deltas],
         "kind": kinds, "next_ms": waits, "error": errors,
-    }, schema={"seq": pl.Int64, "mpid": pl.Int64, "op": pl.String, "ids": pl.String, "kind": pl.String,
-               "next_ms": pl.Int64, "error": pl.String})
+    }, schema={"seq": pl.Int64, "mpid": pl.Int64, "op": pl.String, "ids": pl.String, "attrs": pl.String,
+               "kind": pl.String, "next_ms": pl.Int64, "error": pl.String})
     params = {"workspace": connection.workspace_id, "connection": connection.id, "at": at_ms}
     acknowledged = frame.filter(pl.col("kind") == "ack")
     with _registered(cursor, "outbox_outcomes", frame):
@@ -407,10 +423,13 @@ def _apply_to_state(cursor: duckdb.DuckDBPyConnection, params: dict[str, Any], a
         cursor.execute("DELETE FROM delivery_state WHERE connection_id = $connection "
                        "AND mpid IN (SELECT mpid FROM outbox_acknowledged)",
                        {"connection": params["connection"]}).fetchall()
-        # the identifiers' text as the outbox row holds it (the diff compares texts), while the row is there; a row
-        # the diff replaced meanwhile leaves the delta's own serialization, which at worst costs one more add
-        cursor.execute("""INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms)
-                          SELECT $workspace, $connection, a.mpid, coalesce(o.identifiers, a.ids), $at
+        # the identifiers' and attributes' text as the outbox row holds it (the diff compares texts and md5s), while
+        # the row is there; a row the diff replaced meanwhile leaves the delta's own serialization, which at worst
+        # costs one more add
+        cursor.execute("""INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers, acknowledged_ms,
+                                                      attributes_hash)
+                          SELECT $workspace, $connection, a.mpid, coalesce(o.identifiers, a.ids), $at,
+                                 md5(CASE WHEN o.seq IS NULL THEN a.attrs ELSE o.attributes::VARCHAR END)
                           FROM outbox_acknowledged a
                           LEFT JOIN delivery_outbox o ON o.connection_id = $connection AND o.seq = a.seq
                                                      AND o.mpid = a.mpid

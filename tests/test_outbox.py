@@ -18,7 +18,7 @@ import pytest
 
 from audiences import fanout, outbox
 from audiences.connections import Connection, Credentials, check_settings
-from audiences.outputs.base import Acknowledged, Rejected, RetryLater, RetryPolicy
+from audiences.outputs.base import Acknowledged, Delta, Rejected, RetryLater, RetryPolicy
 from engine.store import open_database
 
 WS = "ws1"
@@ -53,7 +53,9 @@ def diff(db: duckdb.DuckDBPyConnection, connection: Connection, mapping: dict[in
          at_ms: int) -> outbox.DiffResult:
     cursor = db.cursor()
     cursor.begin()
-    result = outbox.diff_connection(cursor, connection, wanted(mapping), at_ms)
+    frame = wanted(mapping)   # with the forwarded attributes as outbox.wanted_identifiers reads them
+    frame = frame.join(outbox.forwarded_attributes(cursor, connection, frame["mpid"]), on="mpid", how="left")
+    result = outbox.diff_connection(cursor, connection, frame, at_ms)
     cursor.commit()
     cursor.close()
     return result
@@ -266,6 +268,70 @@ def test_adds_carry_forwarded_user_and_calculated_attributes(db):
     diff(db, c, {1: email(1), 2: email(2), 3: email(3)}, 1000)
     by_mpid = {d.mpid: d.attributes for d in peek(db, c)}
     assert by_mpid == {1: {"ltv": 120.5, "tier": "gold"}, 2: {"tier": ["a", "b"]}, 3: {}}
+
+
+def test_a_changed_forwarded_value_is_sent_again_as_an_add(db):
+    """A forwarded attribute (here a value-based Facebook audience's calculated LOOKALIKE_VALUE) that changes for a
+    member already sent is re-sent: delivery_state keeps the md5 of the attributes acknowledged."""
+    db.execute("INSERT INTO calculated_attributes VALUES (12, ?, 'ltv', NULL, NULL, '{}', 0, 0, 0, NULL)", [WS])
+    db.execute("INSERT INTO calculated_attribute_values VALUES (?, 12, 1, '120.5', 0, NULL), "
+               "(?, 12, 2, '7', 0, NULL)", [WS, WS])
+    settings = check_settings("facebook", {"identity_types": ["email"], "facebook": {
+        "ad_account_id": "act_1", "value_based": {"calculated_attribute_id": 12}}})
+    c = Connection(1, WS, AUDIENCE, "facebook", "fb", "active", settings, Credentials({"access_token": "t"}), 1, 1)
+    members = {1: {"EMAIL": "a" * 64}, 2: {"EMAIL": "b" * 64}}
+    diff(db, c, members, 1000)
+    ack_all(db, c, take(db, c))
+    assert db.execute("SELECT count(*) FROM delivery_state WHERE attributes_hash IS NOT NULL").fetchall() == [(2,)]
+    assert diff(db, c, members, 2000).adds == 0   # nothing changed: nothing queued
+    db.execute("UPDATE calculated_attribute_values SET value = '99' WHERE mpid = 1")
+    assert diff(db, c, members, 3000).adds == 1
+    [delta] = take(db, c)
+    assert (delta.mpid, delta.op, delta.attributes, delta.held_identifiers) == (1, "add", {"ltv": 99}, members[1])
+    ack_all(db, c, [delta])
+    assert diff(db, c, members, 4000).adds == 0
+    # a pending add whose value changes before it goes out is replaced, keeping its change time
+    db.execute("UPDATE calculated_attribute_values SET value = '5' WHERE mpid = 2")
+    diff(db, c, members, 5000)
+    db.execute("UPDATE calculated_attribute_values SET value = '6' WHERE mpid = 2")
+    diff(db, c, members, 6000)
+    [delta] = peek(db, c)
+    assert (delta.mpid, delta.attributes, delta.changed_ms) == (2, {"ltv": 6}, 5000)
+
+
+def test_a_full_resend_queues_every_wanted_member_once(db):
+    c = webhook()
+    members = {1: email(1), 2: email(2)}
+    diff(db, c, members, 1000)
+    ack_all(db, c, take(db, c))
+    cursor = db.cursor()
+    frame = wanted(members | {3: email(3)})
+    result = outbox.diff_connection(cursor, c, frame, 2000, resend=True)
+    assert (result.adds, result.removes) == (3, 0) and {d.mpid for d in peek(db, c)} == {1, 2, 3}
+    assert outbox.diff_connection(cursor, c, frame, 3000, resend=True).adds == 0   # already pending: kept
+
+
+def test_erasure_rows_are_left_alone_by_the_diff_and_sent_with_the_held_identifiers(db):
+    c = webhook()
+    diff(db, c, {1: email(1), 2: email(2)}, 1000)
+    ack_all(db, c, take(db, c))
+    # what engine/erasure.py leaves for profile 1: one remove flagged erasure, its state row gone
+    db.execute("INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers, changed_ms, "
+               "next_attempt_ms, erasure, held_identifiers) VALUES (?, 1, 5, 1, 'remove', '{\"email\":\"new\"}', "
+               "2000, 2000, true, ?)", [WS, _canonical(email(1))])
+    db.execute("DELETE FROM delivery_state WHERE mpid = 1")
+    assert outbox.due(db, c, 2000).due   # at once, whatever the thresholds
+    diff(db, c, {2: email(2)}, 3000)   # not wanted, not held: a plain pending remove would be dropped here
+    [delta] = take(db, c)
+    assert (delta.mpid, delta.op, delta.identifiers, delta.held_identifiers) == (1, "remove", {"email": "new"},
+                                                                                   email(1))
+    # an add of the person acknowledged late (it was in flight during the erasure) does not bring the state back
+    late = Delta(seq=1, mpid=1, op="add", identifiers=email(1))
+    ack_all(db, c, [late])
+    assert 1 not in held(db)
+    ack_all(db, c, [delta])
+    assert db.execute("SELECT count(*) FROM delivery_outbox WHERE mpid = 1").fetchall() == [(0,)]
+    assert 1 not in held(db)
 
 
 # --- due batches --------------------------------------------------------------------------------------------------
