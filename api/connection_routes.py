@@ -30,7 +30,7 @@ from audiences.connections import Connection, ConnectionRegistry
 from audiences.delivery import DeliveryService
 from audiences.registry import AudienceRegistry
 from audiences.upkeep import lock_held
-from engine.errors import BadRequest
+from engine.errors import BadRequest, Conflict
 from engine.writer import WriteBatch
 
 router = APIRouter(prefix="/platform/v2", tags=["Audience connections"])
@@ -152,6 +152,24 @@ async def delete_connection(request: Request, workspace_id: str, audience_id: st
         await delete_connections(request, [connection], batch)
     await delivery.forget([connection])
     return Response(status_code=204)
+
+
+@router.post(CONNECTION + "/resync")
+async def resync_connection(request: Request, workspace_id: str, audience_id: str, connection_id: str) -> Response:
+    """A full resync: the destination is made to hold the current membership again. Facebook replaces every
+    downstream audience's users (/usersreplace) while the connection's flushes wait, then answers what the
+    destination holds (`completed`, `acknowledged`); other outputs queue an add for every member and flush now
+    (`queued`). 409 for an inactive Facebook connection (a replace sends at once); an inactive connection of
+    another output gets its adds queued, sent once it is active. A replace that did not complete answers
+    `completed: false` with the reason; nothing in idmesh's records changed then, so it can simply be run again."""
+    workspace = await admin_or_own_workspace(request, workspace_id)
+    number, connection = _number(audience_id, "audience_id"), _number(connection_id, "connection_id")
+    audience = _audiences(request).get(workspace.id, number)
+    found = connections_of(request).get(workspace.id, audience.id, connection)
+    if found.output == "facebook" and not found.is_active:
+        raise Conflict("the connection is inactive: activate it to replace its Facebook audiences", field="status")
+    result = await delivery_of(request).resync(found)
+    return json_response(result.as_json())
 
 
 def delivery_of(request: Request) -> DeliveryService:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import orjson
 import polars as pl
 
 from audiences import outbox
@@ -38,6 +39,7 @@ from audiences.connections import Connection, ConnectionRegistry
 from audiences.membership import current_members
 from audiences.outputs.base import (
     DEFAULT_RETRY,
+    Acknowledged,
     AudienceRef,
     Delta,
     Outcome,
@@ -124,6 +126,24 @@ class RoundResult:
     flushes: dict[int, FlushResult]
 
 
+@dataclass(frozen=True)
+class ResyncResult:
+    """A full resync of one connection. `mode`: "replace" (Facebook /usersreplace: the destination now holds
+    exactly `acknowledged` members when `completed`) or "resend" (an add queued for every member, `queued` of
+    them new in the outbox, sent by the flush started at once)."""
+
+    connection_id: int
+    mode: str
+    members: int
+    acknowledged: int = 0
+    queued: int = 0
+    completed: bool = True
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
 @dataclass
 class _Built:
     key: tuple[Any, ...]
@@ -174,20 +194,21 @@ class DeliveryService:
         (`idmesh sync`); beside a running server use `diff`, which picks the connections on the event loop."""
         return self._diff_many(self._active(connection_ids), at_ms)
 
-    def _diff_many(self, connections: list[Connection], at_ms: int | None = None) -> dict[int, outbox.DiffResult]:
+    def _diff_many(self, connections: list[Connection], at_ms: int | None = None,
+                   resend: bool = False) -> dict[int, outbox.DiffResult]:
         results: dict[int, outbox.DiffResult] = {}
         members: dict[tuple[str, int], pl.Series] = {}   # connections of one audience share its read
         with self._diff_running:
             for connection in connections:
                 try:
-                    results[connection.id] = self._diff_one(connection, members, at_ms)
+                    results[connection.id] = self._diff_one(connection, members, at_ms, resend)
                     self._diffed[connection.id] = connection.updated_ms
                 except Exception as exc:  # the next diff tries again; the outbox is as the last good diff left it
                     log.error("diff of connection %s failed: %s", connection.id, exc)
         return results
 
     def _diff_one(self, connection: Connection, members: dict[tuple[str, int], pl.Series],
-                  at_ms: int | None) -> outbox.DiffResult:
+                  at_ms: int | None, resend: bool = False) -> outbox.DiffResult:
         with self._gate.computing(), self._cursor() as cursor:
             key = (connection.workspace_id, connection.audience_id)
             if key not in members:
@@ -199,7 +220,8 @@ class DeliveryService:
                     return outbox.DiffResult(0, 0, 0, wanted.height, 0)
                 cursor.begin()
                 try:
-                    result = outbox.diff_connection(cursor, connection, wanted, self._clock() if at_ms is None else at_ms)
+                    result = outbox.diff_connection(cursor, connection, wanted,
+                                                    self._clock() if at_ms is None else at_ms, resend)
                     cursor.commit()
                 except BaseException:
                     cursor.rollback()
@@ -282,11 +304,14 @@ class DeliveryService:
             running = self.flushing.get(connection.id)
             if running is not None and not running.done():
                 continue   # a slow destination: its own task is still at it, the others go on
-            task = asyncio.ensure_future(self.flush_connection(connection, force))
-            self.flushing[connection.id] = task
-            task.add_done_callback(lambda done, cid=connection.id: self._flush_done(cid, done))
-            started[connection.id] = task
+            started[connection.id] = self._start_flush(connection, force)
         return started
+
+    def _start_flush(self, connection: Connection, force: bool) -> asyncio.Task[FlushResult]:
+        task = asyncio.ensure_future(self.flush_connection(connection, force))
+        self.flushing[connection.id] = task
+        task.add_done_callback(lambda done, cid=connection.id: self._flush_done(cid, done))
+        return task
 
     def _flush_done(self, connection_id: int, task: asyncio.Task[FlushResult]) -> None:
         if self.flushing.get(connection_id) is task:
@@ -471,6 +496,64 @@ class DeliveryService:
         return [c for c in self.connections.active()
                 if (wanted is None or c.id in wanted) and not self._paused[c.id]
                 and self.audiences.find(c.audience_id) is not None]
+
+    # --- full resync (event loop) --------------------------------------------------------------------------------
+    async def resync(self, connection: Connection) -> ResyncResult:
+        """Make the destination hold the current membership again, whatever delivery_state says. An output that
+        can replace its whole membership (Facebook: `replace_all` through /usersreplace) does so with the wanted
+        members while the connection's flushes and diffs are paused; once every replace session completed,
+        delivery_state becomes exactly the acknowledged members and the outbox is cleared (erasure removes stay).
+        Other outputs get a full re-send: an add for every wanted member is queued and the flush starts now (for an
+        inactive connection, once it is active again)."""
+        if connection.output != "facebook":
+            diffs = await asyncio.to_thread(self._diff_many, [connection], None, True)
+            if connection.id not in diffs:
+                return ResyncResult(connection.id, "resend", 0, completed=False, error="the diff failed (see the log)")
+            result = diffs[connection.id]
+            if connection.is_active and not self._paused[connection.id]:
+                running = self.flushing.get(connection.id)
+                if running is not None and not running.done():
+                    await asyncio.gather(running, return_exceptions=True)
+                self._start_flush(connection, force=True)
+            return ResyncResult(connection.id, "resend", result.wanted, queued=result.adds)
+        async with self.paused([connection.id]):
+            output = await self._output_for(connection)
+            replace_all = getattr(output, "replace_all", None)
+            if replace_all is None:
+                return ResyncResult(connection.id, "replace", 0, completed=False,
+                                    error=f"output {connection.output!r} is not available")
+            wanted = await asyncio.to_thread(self._wanted, connection)
+            at = self._clock()
+            members = [Delta(0, mpid, "add", orjson.loads(ids), orjson.loads(attrs) if attrs else {}, at)
+                       for mpid, ids, attrs in wanted.select("mpid", "identifiers", "attributes").iter_rows()]
+            replaced = await replace_all(connection, members)
+            acknowledged = [isinstance(o, Acknowledged) for o in replaced.outcomes]
+            if not replaced.completed:
+                reason = next((getattr(o, "reason", None) for o in replaced.outcomes
+                               if not isinstance(o, Acknowledged)), None)
+                return ResyncResult(connection.id, "replace", wanted.height, sum(acknowledged), completed=False,
+                                    error=reason or "a replace session did not complete")
+            held = wanted.filter(pl.Series(acknowledged, dtype=pl.Boolean))
+            await asyncio.to_thread(self._replace_state, connection, held)
+        self._diffed.pop(connection.id, None)   # the next tick diffs what changed while it was paused
+        return ResyncResult(connection.id, "replace", wanted.height, held.height)
+
+    def _wanted(self, connection: Connection) -> pl.DataFrame:
+        with self._gate.computing(), self._cursor() as cursor:
+            members = current_members(cursor, connection.workspace_id, connection.audience_id)
+            return outbox.wanted_identifiers(cursor, connection, self._scope_of(connection.workspace_id), members)
+
+    def _replace_state(self, connection: Connection, held: pl.DataFrame) -> None:
+        with self._gate.computing(), self.lock(connection.id), self._cursor() as cursor:
+            if self.connections.find(connection.id) is None:   # deleted meanwhile: its rows are gone
+                return
+            cursor.begin()
+            try:
+                outbox.replace_state(cursor, connection, held, self._clock())
+                cursor.commit()
+            except BaseException:
+                cursor.rollback()
+                raise
 
     # --- deletion and pauses (event loop) ------------------------------------------------------------------------
     @asynccontextmanager

@@ -288,6 +288,26 @@ def _next_seq(cursor: duckdb.DuckDBPyConnection, connection_id: int, at_ms: int)
     return max(at_ms << _SEQ_SHIFT, (highest or 0) + 1)
 
 
+def replace_state(cursor: duckdb.DuckDBPyConnection, connection: Connection, held: pl.DataFrame, at_ms: int) -> int:
+    """After a completed full replace at the destination (Facebook /usersreplace): delivery_state becomes exactly
+    `held` (mpid, identifiers, attributes_hash: the members the destination acknowledged, as sent) and the
+    connection's outbox is cleared, except erasure removes: a person erased while the replace ran may have been in
+    it, so their remove still goes and they are not written back into the state. Returns the rows held."""
+    params = {"workspace": connection.workspace_id, "connection": connection.id, "at": at_ms}
+    frame = held.select(pl.col("mpid").cast(pl.Int64), pl.col("identifiers").cast(pl.String),
+                        pl.col("attributes_hash").cast(pl.String))
+    cursor.execute("DELETE FROM delivery_state WHERE connection_id = $connection", {"connection": connection.id})
+    cursor.execute("DELETE FROM delivery_outbox WHERE connection_id = $connection AND NOT erasure",
+                   {"connection": connection.id})
+    with _registered(cursor, "outbox_replaced", frame):
+        return cursor.execute("""INSERT INTO delivery_state (workspace_id, connection_id, mpid, identifiers,
+                                                             acknowledged_ms, attributes_hash)
+                                 SELECT $workspace, $connection, mpid, identifiers, $at, attributes_hash
+                                 FROM outbox_replaced r
+                                 WHERE NOT EXISTS (SELECT 1 FROM delivery_outbox e WHERE e.connection_id = $connection
+                                                   AND e.mpid = r.mpid AND e.erasure)""", params).fetchall()[0][0]
+
+
 def unpark(cursor: duckdb.DuckDBPyConnection, connection_id: int, changed_ms: int, at_ms: int) -> int:
     """Make the connection's rows rejected before `changed_ms` (when its credentials or settings last changed) due
     again: the destination may take them now. Returns how many."""

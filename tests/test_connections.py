@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import duckdb
+import httpx
 import pytest
 from cryptography.exceptions import InvalidTag
 from fakes import FakeFacebook
@@ -384,3 +385,41 @@ def test_deleting_a_connection_or_its_audience_waits_for_delivery_and_deletes_fa
         assert w.http.delete(f"{w.audiences}/{kept}", auth=w.auth).status_code == 204
         assert set(fake.audiences()) == {remote[stays]}   # delete_on_audience_delete: false keeps it
         assert server.query("SELECT count(*) FROM delivery_state") == [(0,)]
+
+
+def test_resync_replaces_a_facebook_audience_and_the_state_becomes_what_it_holds(
+        server: LiveServer, idsync: Callable[..., IdSyncClient]):
+    client = idsync()
+    w = Workspace(server, client)
+    mpids = [int(client.identify({"email": f"member{n}@example.com"})["mpid"]) for n in range(3)]
+    audience = w.audience("resynced")
+    with FakeFacebook(access_tokens={FB_TOKEN}) as fake:
+        cid = w.create(audience, {"output": "facebook", "credentials": {"access_token": FB_TOKEN},
+                                  "settings": {"base_url": fake.base_url, "identity_types": ["email"],
+                                               "facebook": {"ad_account_id": "act_1234"}}})["id"]
+        _on_server(server, background_idle(server.app.state.background_tasks))
+        _on_server(server, server.app.state.delivery.run_once())
+        audience_id = server.app.state.connections.find(cid).remote["audiences"]["EMAIL_SHA256"]["id"]
+        wanted = set(fake.members(audience_id))
+        assert len(wanted) == 3
+        # drift: someone added a stranger at Facebook, idmesh's records lost a member and hold a stale change
+        stranger = "ab" * 32
+        assert httpx.post(f"{fake.base_url}/v25.0/{audience_id}/users", headers={"Authorization": f"Bearer {FB_TOKEN}"},
+                          json={"payload": {"schema": "EMAIL_SHA256", "is_raw": True, "data": [stranger]}}
+                          ).status_code == 200
+        server.query("DELETE FROM delivery_state WHERE mpid = ?", mpids[0])
+        server.query("INSERT INTO delivery_outbox (workspace_id, connection_id, seq, mpid, op, identifiers, changed_ms, "
+                     "next_attempt_ms) VALUES (?, ?, 1, 42, 'remove', '{}', 1, 1)", w.id, cid)
+
+        answer = w.http.post(f"{w.base(audience)}/{cid}/resync", auth=w.auth)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() | {"error": None} == {"connection_id": cid, "mode": "replace", "members": 3,
+                                                    "acknowledged": 3, "queued": 0, "completed": True, "error": None}
+        assert fake.members(audience_id) == wanted   # the stranger is gone
+        assert any(r.path.endswith("/usersreplace") for r in fake.requests())
+        assert sorted(m for (m,) in server.query("SELECT mpid FROM delivery_state WHERE connection_id = ?", cid)
+                      ) == sorted(mpids)
+        assert server.query("SELECT count(*) FROM delivery_outbox WHERE connection_id = ?", cid) == [(0,)]
+        # admin may too; an inactive Facebook connection is refused (a replace would send at once)
+        assert w.http.put(f"{w.base(audience)}/{cid}", json={"status": "inactive"}, auth=w.auth).status_code == 200
+        assert w.http.post(f"{w.base(audience)}/{cid}/resync", headers=ADMIN).status_code == 409

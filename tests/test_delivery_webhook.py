@@ -220,6 +220,28 @@ def test_membership_changes_reach_the_receiver_signed(world: World, receivers):
     assert status == [(0, 0, 3, True, 2)]
 
 
+def test_a_resync_sends_every_members_add_again(world: World, receivers):
+    receiver = Receiver()
+    audience = world.audience("resent")
+    connection = world.connect(audience, serve(receivers, receiver), identity_types=["email"])
+    world.emails([1, 2, 3])
+    world.members(audience, [1, 2, 3])
+    asyncio.run(world.delivery.run_once())
+    receiver.members.clear()   # the receiver lost its data
+
+    async def resync() -> Any:
+        result = await world.delivery.resync(connection)
+        await world.delivery.idle()
+        return result
+
+    result = asyncio.run(resync())
+    assert (result.mode, result.members, result.queued, result.completed) == ("resend", 3, 3, True)
+    assert receiver.members == {audience.id: as_text([1, 2, 3])}
+    assert [m["op"] for m in receiver.messages] == ["add"] * 6
+    assert world.rows("SELECT count(*) FROM delivery_outbox") == [(0,)]
+    assert world.rows("SELECT count(*) FROM delivery_state") == [(3,)]
+
+
 def test_batches_follow_the_batch_size_and_a_threshold_holds_small_queues_back(world: World, receivers):
     receiver = Receiver()
     audience = world.audience("many")

@@ -206,7 +206,9 @@ def test_every_post_and_put_documents_the_body_it_reads(server: LiveServer) -> N
     """Routes read their bodies themselves (api/body.py), so FastAPI cannot infer them: without
     `openapi_extra=body_schema(Model)` the document shows no body and fuzzers never send one."""
     bodiless = {("POST", "/platform/v2/workspaces/{workspace_id}/calculatedattributes/{ca_id}/activation"),  # read none
-                ("POST", "/platform/v2/workspaces/{workspace_id}/audiences/{audience_id}/calculation")}
+                ("POST", "/platform/v2/workspaces/{workspace_id}/audiences/{audience_id}/calculation"),
+                ("POST", "/platform/v2/workspaces/{workspace_id}/audiences/{audience_id}/connections/"
+                         "{connection_id}/resync")}
     document = httpx.get(f"{server.base_url}/openapi.json").json()
     missing = [(method.upper(), path) for path, operations in document["paths"].items()
                for method, operation in operations.items()

@@ -1020,6 +1020,10 @@ ROUTES |= {
     f"DELETE {AUDIENCE}/connections/{{connection_id}}": RouteCase(
         Auth.SECRET, lambda t: Call(t.connection_path(f"/{t.new_connection()}")), 204, admin_too=True,
         attacks=connection_attacks("/{connection_id}")),
+    # a full resync of an (inactive webhook) connection: an add queued for every member
+    f"POST {AUDIENCE}/connections/{{connection_id}}/resync": RouteCase(
+        Auth.SECRET, lambda t: Call(t.connection_path(f"/{t.connection_id}/resync")), 200, admin_too=True,
+        attacks=connection_attacks("/{connection_id}/resync")),
     # one org per deployment: every workspace's audiences, so the admin token only
     "GET /platform/v2/audiences": RouteCase(Auth.ADMIN, lambda t: Call("/platform/v2/audiences", params={"accountId": "1"}),
                                             200),
