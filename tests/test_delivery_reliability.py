@@ -353,11 +353,11 @@ def test_sigkill_mid_flush_under_faults_loses_nothing_and_converges_exactly(tmp_
     pending; restarted and the membership moved at once (600 exits, 800 entries) while the first sync resumes;
     killed again while Braze takes the exits; the third start converges. The ledger is checked at each kill."""
     braze, facebook = fakes
-    # 30% of requests fail, every kind (forced once each first); a timeout holds its answer past the client's
-    # timeout; a little latency keeps each flush long enough to be caught in the middle
+    # 30% of requests fail, of every kind (after the first kill each kind is forced once more, so none is left out
+    # by chance); a timeout holds its answer past the client's timeout; a little latency keeps each flush long
+    # enough to be caught in the middle
     for fake, seed in ((braze, 61), (facebook, 62)):
         fake.faults.configure(FaultPlan(rate=0.3, seed=seed, delay_seconds=FAULT_DELAY_S, latency_seconds=0.02))
-        fake.faults.force(*Fault)
     # backoff capped at a few seconds: under 30% failures its tail (a delta unlucky seven times waits 2 + 4 + ... +
     # 128 s) is what convergence waits for, and the claim here is the end state, not the waiting
     env = {**FAST_TICKS, "IDMESH_DELIVERY_TIMEOUT_SECONDS": str(CLIENT_TIMEOUT_S),
@@ -390,6 +390,8 @@ def test_sigkill_mid_flush_under_faults_loses_nothing_and_converges_exactly(tmp_
         assert braze_ledger.pending and facebook_ledger.pending, "the kill came after a flush had ended"
 
         # the membership moves right after the restart, while the first sync resumes; kill again once removes go out
+        braze.faults.force(*Fault)
+        facebook.faults.force(*Fault)
         server = start_server(db_path, tmp_path, "second", env)
         platform = platform.on(server)
         at = now_ms()
